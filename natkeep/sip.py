@@ -1,0 +1,534 @@
+"""
+The wire: parsing and rendering the SIP messages a registrar meets
+(RFC 3261 §7, §20, §25; RFC 3581 for C{rport}).
+
+The parser is deliberately narrow.  It splits a datagram into a start line,
+header fields and a body, and parses in depth only what a registrar acts on
+(Via, Contact, CSeq, Expires, the To/From URIs).  Everything it rejects raises
+L{SIPError} carrying the status code and a reason phrase that names the fault,
+so the caller can answer with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Iterator, Optional, Union
+
+import attrs
+
+#: RFC 3261 §7.3.3 compact header forms, mapped to the lower-case full name.
+COMPACT_FORMS = {
+    "v": "via",
+    "f": "from",
+    "t": "to",
+    "i": "call-id",
+    "m": "contact",
+    "l": "content-length",
+    "c": "content-type",
+    "k": "supported",
+    "s": "subject",
+    "e": "content-encoding",
+    "o": "event",
+    "r": "refer-to",
+    "u": "allow-events",
+    "x": "session-expires",
+}
+
+#: The largest datagram we try to read as SIP; anything longer is answered
+#: C{513 Message Too Large} if its Via can be found, otherwise dropped.
+MAX_MESSAGE_SIZE = 16384
+
+#: More header lines than this is not a phone talking.
+MAX_HEADER_LINES = 128
+
+#: RFC 3261 §20.19: a delta-seconds value above 2**32-1 is taken as that.
+MAX_DELTA_SECONDS = 2**32 - 1
+
+#: RFC 3261 §8.1.1.5: CSeq is a 32-bit unsigned integer below 2**31.
+MAX_CSEQ = 2**31 - 1
+
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+
+_STATUS_LINE_PREFIX = "SIP/2.0 "
+
+
+class SIPError(Exception):
+    """
+    A message that cannot be handled.
+
+    @ivar status: the SIP status code to answer with.
+    @ivar reason: a reason phrase that names the fault.
+    @ivar partial: the message as far as it was parsed, when its start line
+        and headers were sound, so that the fault can be answered.
+    """
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.partial: Optional[Union[Request, Response]] = None
+
+
+@attrs.define(slots=True, eq=False)
+class Request:
+    """
+    A parsed SIP request.
+
+    @ivar headers: header values by lower-case full header name, each a list
+        of the field values in the order they appeared.
+    """
+
+    method: str
+    uri: str
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> Optional[str]:
+        """
+        @return: the first value of header C{name} (lower-case full name), or
+            L{None} when it is absent.
+        """
+        values = self.headers.get(name)
+        return values[0] if values else None
+
+
+@attrs.define(slots=True, eq=False)
+class Response:
+    """
+    A parsed SIP response.
+    """
+
+    code: int
+    reason: str
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> Optional[str]:
+        """
+        @return: the first value of header C{name}, or L{None}.
+        """
+        values = self.headers.get(name)
+        return values[0] if values else None
+
+
+Message = Union[Request, Response]
+
+
+def parseMessage(data: bytes) -> Message:
+    """
+    Parse one datagram as a SIP message.
+
+    @raise SIPError: when the datagram is not a SIP message we can handle;
+        the error's reason names the fault.
+    """
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise SIPError("Message Too Large", 513)
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        head = data[:end]
+        body = data[end + 4 :]
+    else:
+        end = data.find(b"\n\n")
+        if end < 0:
+            raise SIPError("Truncated Message")
+        head = data[:end]
+        body = data[end + 2 :]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SIPError("Header Not UTF-8")
+    lines = text.split("\n")
+    if len(lines) > MAX_HEADER_LINES:
+        raise SIPError("Too Many Header Lines", 513)
+    first = lines[0].rstrip("\r")
+    headers: dict[str, list[str]] = {}
+    current: Optional[list[str]] = None
+    for line in lines[1:]:
+        if line[-1:] == "\r":
+            line = line[:-1]
+        if line[:1] in (" ", "\t"):
+            # RFC 3261 §7.3.1 line folding: continue the previous value.
+            if current is None:
+                raise SIPError("Malformed Header Folding")
+            current[-1] = current[-1] + " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise SIPError("Malformed Header Line")
+        name = name.strip().lower()
+        if not name:
+            raise SIPError("Malformed Header Line")
+        name = COMPACT_FORMS.get(name, name)
+        current = headers.get(name)
+        if current is None:
+            current = headers[name] = []
+        current.append(value.strip())
+    message: Message
+    if first.startswith(_STATUS_LINE_PREFIX):
+        parts = first.split(" ", 2)
+        try:
+            code = int(parts[1])
+        except ValueError:
+            raise SIPError("Malformed Status Line")
+        if not 100 <= code <= 699:
+            raise SIPError("Malformed Status Line")
+        message = Response(code, parts[2] if len(parts) > 2 else "", headers, body)
+    else:
+        parts = first.split(" ")
+        if len(parts) != 3 or parts[2].upper() != "SIP/2.0":
+            raise SIPError("Malformed Request Line")
+        method = parts[0]
+        if not _TOKEN.match(method):
+            raise SIPError("Malformed Request Line")
+        message = Request(method, parts[1], headers, body)
+    try:
+        message.body = _checkBody(headers, body)
+    except SIPError as e:
+        # The headers are sound, so the fault can still be answered.
+        e.partial = message
+        raise
+    return message
+
+
+def _checkBody(headers: dict[str, list[str]], body: bytes) -> bytes:
+    values = headers.get("content-length")
+    if not values:
+        return body
+    try:
+        length = int(values[0])
+    except ValueError:
+        raise SIPError("Invalid Content-Length")
+    if length < 0:
+        raise SIPError("Invalid Content-Length")
+    if length > len(body):
+        # RFC 3261 §18.3: over UDP this is a 400.
+        raise SIPError("Content-Length Exceeds Body")
+    return body[:length]
+
+
+def splitCommas(values: list[str]) -> Iterator[str]:
+    """
+    Split header values at the commas that separate field values, not those
+    inside quoted strings or angle brackets (RFC 3261 §7.3.1).
+    """
+    for value in values:
+        if "," not in value:
+            yield value
+            continue
+        depth = 0
+        quoted = False
+        escaped = False
+        start = 0
+        for i, ch in enumerate(value):
+            if escaped:
+                escaped = False
+            elif quoted:
+                if ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    quoted = False
+            elif ch == '"':
+                quoted = True
+            elif ch == "<":
+                depth += 1
+            elif ch == ">":
+                depth -= 1
+            elif ch == "," and depth == 0:
+                yield value[start:i].strip()
+                start = i + 1
+        yield value[start:].strip()
+
+
+def parseParams(text: str) -> list[tuple[str, Optional[str]]]:
+    """
+    Parse C{;name=value;flag} parameters (the leading C{;} already removed).
+    Names are lower-cased; values are kept as written.
+    """
+    params: list[tuple[str, Optional[str]]] = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        params.append((name.strip().lower(), value.strip() if sep else None))
+    return params
+
+
+def splitHostPort(text: str) -> tuple[str, Optional[int]]:
+    """
+    Split C{host}, C{host:port}, C{[v6]} or C{[v6]:port}.
+
+    @raise ValueError: on a malformed host or port.
+    """
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError("unclosed IPv6 reference")
+        host = text[1:close]
+        rest = text[close + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError("junk after IPv6 reference")
+        portText = rest[1:] if rest else None
+    else:
+        host, sep, portText = text.partition(":")
+        if not sep:
+            portText = None
+    if not host:
+        raise ValueError("empty host")
+    port: Optional[int] = None
+    if portText is not None:
+        if not portText.isdigit():
+            raise ValueError("bad port")
+        port = int(portText)
+        if not 0 < port < 65536:
+            raise ValueError("bad port")
+    return host, port
+
+
+@attrs.define(slots=True, eq=False)
+class Via:
+    """
+    One Via field value (RFC 3261 §20.42).
+    """
+
+    protocol: str
+    host: str
+    port: Optional[int]
+    params: list[tuple[str, Optional[str]]]
+
+    def param(self, name: str) -> Optional[str]:
+        for key, value in self.params:
+            if key == name:
+                return value
+        return None
+
+    def hasParam(self, name: str) -> bool:
+        return any(key == name for key, _ in self.params)
+
+    def render(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        sentBy = host if self.port is None else f"{host}:{self.port}"
+        params = "".join(
+            f";{key}" if value is None else f";{key}={value}"
+            for key, value in self.params
+        )
+        return f"{self.protocol} {sentBy}{params}"
+
+
+def parseVia(value: str) -> Via:
+    """
+    Parse one Via field value.
+
+    @raise SIPError: when it is malformed.
+    """
+    protocol, _, rest = value.partition(" ")
+    rest = rest.strip()
+    if not protocol.upper().startswith("SIP/2.0/") or not rest:
+        raise SIPError("Malformed Via")
+    sentBy, _, paramText = rest.partition(";")
+    try:
+        host, port = splitHostPort(sentBy.strip())
+    except ValueError:
+        raise SIPError("Malformed Via")
+    return Via(protocol, host, port, parseParams(paramText))
+
+
+@attrs.frozen
+class URI:
+    """
+    The parts of a SIP URI that a registrar needs (RFC 3261 §19.1).
+
+    @ivar text: the URI exactly as written.
+    """
+
+    text: str
+    scheme: str
+    user: Optional[str]
+    host: str
+    port: Optional[int]
+
+    def addressOfRecord(self) -> str:
+        """
+        The canonical address-of-record form (RFC 3261 §10.3 step 5): scheme,
+        user and host, without parameters or headers; host lower-cased.
+        """
+        host = self.host.lower()
+        if ":" in host:
+            host = f"[{host}]"
+        if self.port is not None:
+            host = f"{host}:{self.port}"
+        if self.user is None:
+            return f"{self.scheme}:{host}"
+        return f"{self.scheme}:{self.user}@{host}"
+
+
+def parseURI(text: str) -> URI:
+    """
+    Parse a C{sip:} or C{sips:} URI.
+
+    @raise SIPError: when it is not one.
+    """
+    scheme, sep, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("sip", "sips"):
+        raise SIPError("Unsupported URI Scheme")
+    # Headers after '?', then parameters after ';' of the host part.
+    rest = rest.partition("?")[0]
+    user: Optional[str] = None
+    at = rest.rfind("@")
+    if at >= 0:
+        user = rest[:at].partition(":")[0]
+        rest = rest[at + 1 :]
+    hostPort = rest.partition(";")[0]
+    try:
+        host, port = splitHostPort(hostPort)
+    except ValueError:
+        raise SIPError("Malformed URI")
+    return URI(text, scheme, user, host, port)
+
+
+@attrs.frozen
+class NameAddr:
+    """
+    A From, To or Contact field value: an optional display name, a URI and
+    header parameters.
+
+    @ivar uri: the URI text; C{"*"} for the wildcard Contact.
+    @ivar params: the header parameters, names lower-cased.
+    """
+
+    display: str
+    uri: str
+    params: tuple[tuple[str, Optional[str]], ...]
+
+    def param(self, name: str) -> Optional[str]:
+        for key, value in self.params:
+            if key == name:
+                return value
+        return None
+
+
+def parseNameAddr(value: str) -> NameAddr:
+    """
+    Parse C{"Name" <uri>;params} or C{uri;params} (RFC 3261 §20.10).
+
+    @raise SIPError: when it is malformed.
+    """
+    value = value.strip()
+    lt = value.find("<")
+    if lt >= 0:
+        gt = value.find(">", lt)
+        if gt < 0:
+            raise SIPError("Unclosed Angle Bracket")
+        display = value[:lt].strip()
+        uri = value[lt + 1 : gt].strip()
+        rest = value[gt + 1 :].strip()
+        if rest and not rest.startswith(";"):
+            raise SIPError("Junk After Address")
+        paramText = rest[1:]
+    else:
+        display = ""
+        uri, _, paramText = value.partition(";")
+        uri = uri.strip()
+    if not uri:
+        raise SIPError("Empty Address")
+    return NameAddr(display, uri, tuple(parseParams(paramText)))
+
+
+def parseDeltaSeconds(text: str) -> int:
+    """
+    Parse an RFC 3261 delta-seconds value, clamping huge ones.
+
+    @raise ValueError: when C{text} is not a non-negative integer.
+    """
+    text = text.strip()
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(text)
+    return min(int(text), MAX_DELTA_SECONDS)
+
+
+def parseCSeq(value: str) -> tuple[int, str]:
+    """
+    Parse a CSeq value into its number and method.
+
+    @raise SIPError: when it is malformed.
+    """
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
+        raise SIPError("Invalid CSeq")
+    number = int(parts[0])
+    if number > MAX_CSEQ:
+        raise SIPError("Invalid CSeq")
+    return number, parts[1]
+
+
+_PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
+def isPrivateAddress(host: str) -> bool:
+    """
+    Whether C{host} is a literal address that cannot be reached from outside
+    its own network: RFC 1918 private, RFC 6598 shared, link-local or
+    unique-local.  Host names are not private.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in _PRIVATE_NETWORKS)
+
+
+def formatAddress(host: str, port: int) -> str:
+    """
+    C{host:port}, bracketing IPv6 literals.
+    """
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def renderResponse(
+    code: int,
+    reason: str,
+    headers: list[tuple[str, str]],
+    body: bytes = b"",
+) -> bytes:
+    """
+    Render a response from ordered C{(name, value)} header pairs; the
+    Content-Length is added here.
+    """
+    lines = [f"SIP/2.0 {code} {reason}"]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("")
+    lines.append("")
+    return "\r\n".join(lines).encode("utf-8") + body
+
+
+def renderRequest(
+    method: str, uri: str, headers: list[tuple[str, str]], body: bytes = b""
+) -> bytes:
+    """
+    Render a request from ordered C{(name, value)} header pairs; the
+    Content-Length is added here.
+    """
+    lines = [f"{method} {uri} SIP/2.0"]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("")
+    lines.append("")
+    return "\r\n".join(lines).encode("utf-8") + body
