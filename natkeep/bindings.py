@@ -1,0 +1,221 @@
+"""
+The state: registered bindings and the table that holds them.
+
+A L{Binding} is one Contact of one address-of-record, with where the device
+really is (the source address of its REGISTER) and which of our sockets it
+talked to.  The L{BindingTable} is the in-memory view the registrar and the
+sender share; it is the fast path, and the durable store is its shadow.
+
+Expiry is kept on a wheel of one-second buckets rather than one timer per
+binding: a binding costs one list slot, and a sweep touches only the seconds
+that have passed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Iterator, Optional
+
+import attrs
+
+from natkeep.interfaces import IListener
+
+#: A binding's C{expiresAt} once it has been removed: earlier than any clock,
+#: so that "still alive" is one comparison anywhere.
+DEAD = -math.inf
+
+
+@attrs.define(slots=True, eq=False, weakref_slot=False)
+class Binding:
+    """
+    One registered Contact.
+
+    @ivar aor: the canonical address-of-record.
+    @ivar uri: the Contact URI, which identifies the binding within its AOR.
+    @ivar params: the Contact header parameters other than C{expires}, as
+        written (with their leading C{;}), repeated in the 200 OK.
+    @ivar source: C{(host, port)} the REGISTER came from: the public side of
+        any NAT, where heartbeats go.
+    @ivar listener: the socket the REGISTER arrived on; heartbeats leave
+        from it, because the pinhole is bound to that address and port.
+    @ivar nat: whether the device was found to be behind NAT.
+    @ivar expiresAt: the clock time the binding expires; L{DEAD} once removed.
+    @ivar callId: Call-ID of the REGISTER that last changed it.
+    @ivar cseq: CSeq number of that REGISTER.
+    @ivar phase: a number unique within the table, stable for the binding's
+        life; pacers use it to place the binding in a cycle.
+    @ivar unanswered: heartbeats sent since the device last answered one.
+    """
+
+    aor: str
+    uri: str
+    params: str
+    source: tuple[str, int]
+    listener: IListener
+    nat: bool
+    expiresAt: float
+    callId: str
+    cseq: int
+    phase: int = 0
+    unanswered: int = 0
+
+    def alive(self, now: float) -> bool:
+        """
+        Whether the binding is still registered at C{now}.
+        """
+        return self.expiresAt > now
+
+
+@attrs.define(slots=True)
+class BindingTable:
+    """
+    All bindings, by address-of-record and Contact URI, with the NATed ones
+    also kept in registration order for the sender.
+
+    @ivar removed: called with each binding removed, whatever removed it
+        (unregister, expiry, liveness), so that the store forgets it too.
+    """
+
+    removed: Callable[[Binding], None] = lambda binding: None
+    _aors: dict[str, dict[str, Binding]] = attrs.field(factory=dict)
+    _nat: dict[Binding, None] = attrs.field(factory=dict)
+    _wheel: dict[int, list[Binding]] = attrs.field(factory=dict)
+    _swept: Optional[int] = None
+    _count: int = 0
+    _nextPhase: int = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def natCount(self) -> int:
+        """
+        How many bindings are behind NAT.
+        """
+        return len(self._nat)
+
+    def lookup(self, aor: str) -> list[Binding]:
+        """
+        The bindings of C{aor}, in registration order.
+        """
+        contacts = self._aors.get(aor)
+        return list(contacts.values()) if contacts else []
+
+    def get(self, aor: str, uri: str) -> Optional[Binding]:
+        """
+        The binding of C{uri} under C{aor}, if any.
+        """
+        contacts = self._aors.get(aor)
+        return contacts.get(uri) if contacts else None
+
+    def add(self, binding: Binding) -> None:
+        """
+        Add a new binding; one for the same AOR and URI must not exist.
+        """
+        contacts = self._aors.get(binding.aor)
+        if contacts is None:
+            contacts = self._aors[binding.aor] = {}
+        assert binding.uri not in contacts
+        contacts[binding.uri] = binding
+        binding.phase = self._nextPhase
+        self._nextPhase += 1
+        self._count += 1
+        if binding.nat:
+            self._nat[binding] = None
+        self._schedule(binding)
+
+    def refresh(
+        self,
+        binding: Binding,
+        *,
+        source: tuple[str, int],
+        listener: IListener,
+        nat: bool,
+        expiresAt: float,
+        callId: str,
+        cseq: int,
+        params: str,
+    ) -> None:
+        """
+        Update a binding in place with what a new REGISTER said.
+        """
+        if nat != binding.nat:
+            if nat:
+                self._nat[binding] = None
+            else:
+                del self._nat[binding]
+        binding.source = source
+        binding.listener = listener
+        binding.nat = nat
+        binding.callId = callId
+        binding.cseq = cseq
+        binding.params = params
+        binding.unanswered = 0
+        if math.ceil(expiresAt) != math.ceil(binding.expiresAt):
+            binding.expiresAt = expiresAt
+            self._schedule(binding)
+        else:
+            binding.expiresAt = expiresAt
+
+    def remove(self, binding: Binding) -> None:
+        """
+        Remove a binding now.  It is marked dead, so a heartbeat batch that
+        still holds it skips it.
+        """
+        contacts = self._aors.get(binding.aor)
+        if contacts is None or contacts.get(binding.uri) is not binding:
+            return
+        del contacts[binding.uri]
+        if not contacts:
+            del self._aors[binding.aor]
+        if binding.nat:
+            del self._nat[binding]
+        binding.expiresAt = DEAD
+        self._count -= 1
+        self.removed(binding)
+
+    def natBindings(self) -> Iterable[Binding]:
+        """
+        The NATed bindings in registration order (a live view).
+        """
+        return self._nat.keys()
+
+    def __iter__(self) -> Iterator[Binding]:
+        for contacts in self._aors.values():
+            yield from contacts.values()
+
+    def _schedule(self, binding: Binding) -> None:
+        second = math.ceil(binding.expiresAt)
+        bucket = self._wheel.get(second)
+        if bucket is None:
+            bucket = self._wheel[second] = []
+        bucket.append(binding)
+
+    def sweep(self, now: float) -> int:
+        """
+        Remove every binding that has expired by C{now}.
+
+        @return: how many were removed.
+        """
+        current = math.floor(now)
+        if self._swept is None:
+            start = min(self._wheel, default=current + 1)
+        else:
+            start = self._swept + 1
+        if current - start > len(self._wheel):
+            # A long jump of the clock: visit the buckets, not the seconds.
+            seconds: Iterable[int] = sorted(s for s in self._wheel if s <= current)
+        else:
+            seconds = range(start, current + 1)
+        count = 0
+        for second in seconds:
+            bucket = self._wheel.pop(second, None)
+            if not bucket:
+                continue
+            for binding in bucket:
+                # A refreshed binding has moved to a later bucket; a removed
+                # one is already gone.
+                if DEAD < binding.expiresAt <= now:
+                    self.remove(binding)
+                    count += 1
+        self._swept = current
+        return count

@@ -1,0 +1,451 @@
+"""
+The settings: every parameter natkeep takes, where it comes from (defaults,
+then the INI file, then the command line) and how it is checked.
+
+VOS3000 parameters keep their VOS3000 names in the file so that settings
+paste across; each also has a lower-case command-line option.  A wrong value
+is a L{ConfigError} whose message is one line naming the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import attrs
+
+from natkeep.sip import splitHostPort
+
+
+class ConfigError(ValueError):
+    """
+    A setting is wrong.  The message is one line meant for the operator.
+    """
+
+
+@attrs.frozen
+class Parameter:
+    """
+    One setting.
+
+    @ivar key: its name in the config file.
+    @ivar option: its long command-line option, without dashes.
+    @ivar attribute: its attribute on L{Settings}.
+    @ivar parse: turns the text from file or command line into the value,
+        raising L{ValueError} with a description of what is allowed.
+    @ivar allowed: what is allowed, for messages and documentation.
+    """
+
+    key: str
+    option: str
+    attribute: str
+    default: Any
+    parse: Callable[[str], Any]
+    allowed: str
+    help: str
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"not a whole number; allowed {low}..{high}")
+        if not low <= value <= high:
+            raise ValueError(f"out of range; allowed {low}..{high}")
+        return value
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off", ""):
+        return False
+    raise ValueError("not a boolean; allowed yes/no, true/false, on/off, 1/0")
+
+
+def _name(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("empty; allowed a strategy name (see --list-strategies)")
+    return value
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+MAX_MESSAGE_BYTES = 1200
+
+
+def decodeMessage(text: str) -> bytes:
+    """
+    Decode SS_SIP_NAT_KEEP_ALIVE_MESSAGE: the escapes C{\\r \\n \\t \\0 \\xHH
+    \\\\} allow CRLF or binary payloads; other characters are UTF-8.
+
+    @raise ValueError: on a bad escape or a payload over 1200 bytes.
+    """
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out += ch.encode("utf-8")
+            i += 1
+            continue
+        escape = text[i + 1 : i + 2]
+        simple = {"r": b"\r", "n": b"\n", "t": b"\t", "0": b"\0", "\\": b"\\"}
+        if escape in simple:
+            out += simple[escape]
+            i += 2
+        elif escape == "x":
+            digits = text[i + 2 : i + 4]
+            try:
+                if len(digits) != 2:
+                    raise ValueError
+                out.append(int(digits, 16))
+            except ValueError:
+                raise ValueError(
+                    f"bad escape \\x{digits}; allowed \\r \\n \\t \\0 \\xHH \\\\"
+                )
+            i += 4
+        else:
+            raise ValueError(
+                f"bad escape \\{escape}; allowed \\r \\n \\t \\0 \\xHH \\\\"
+            )
+    if len(out) > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"{len(out)} bytes; allowed 0..{MAX_MESSAGE_BYTES} bytes after escapes"
+        )
+    return bytes(out)
+
+
+def _message(text: str) -> bytes:
+    # A VOS3000 file may quote the value to keep spaces; strip one pair.
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1]
+    return decodeMessage(text)
+
+
+def parseListenAddress(text: str) -> tuple[str, int]:
+    """
+    Parse C{HOST:PORT} or C{[V6]:PORT}.
+
+    @raise ValueError: when it is not one.
+    """
+    try:
+        host, port = splitHostPort(text.strip())
+    except ValueError:
+        port = None
+    if port is None:
+        raise ValueError("allowed HOST:PORT or [IPv6]:PORT, port 1..65535")
+    return host, port
+
+
+def _listen(text: str) -> tuple[str, ...]:
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise ValueError("allowed one or more HOST:PORT")
+    for part in parts:
+        parseListenAddress(part)
+    return tuple(parts)
+
+
+def _optionalAddress(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text:
+        return None
+    parseListenAddress(text)
+    return text
+
+
+NAT_TESTS = ("via", "private", "contact")
+
+
+def _natTests(text: str) -> frozenset[str]:
+    tests = frozenset(text.replace(",", " ").split())
+    unknown = tests - set(NAT_TESTS)
+    if unknown:
+        raise ValueError(
+            f"unknown test {sorted(unknown)[0]!r}; allowed any of {', '.join(NAT_TESTS)}"
+        )
+    return tests
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter(
+        "SS_SIP_NAT_KEEP_ALIVE_MESSAGE", "message", "message", b"HELLO", _message,
+        "0..1200 bytes after escapes",
+        "Heartbeat payload, a raw UDP datagram; empty switches heartbeats off. "
+        "Escapes \\r \\n \\t \\0 \\xHH \\\\.",
+    ),
+    Parameter(
+        "SS_SIP_NAT_KEEP_ALIVE_PERIOD", "period", "period", 30, _integer(10, 86400),
+        "10..86400 s", "Seconds between the starts of two heartbeat cycles.",
+    ),
+    Parameter(
+        "SS_SIP_NAT_KEEP_ALIVE_SEND_INTERVAL", "send-interval", "sendInterval", 500,
+        _integer(1, 60000), "1..60000 ms",
+        "Milliseconds between two batches within a cycle.",
+    ),
+    Parameter(
+        "SS_SIP_NAT_KEEP_ALIVE_SEND_ONE_TIME", "send-one-time", "sendOneTime", 3000,
+        _integer(1, 1000000), "1..1000000", "Heartbeats per batch.",
+    ),
+    Parameter(
+        "SS_ENDPOINT_EXPIRE", "endpoint-expire", "endpointExpire", 3600,
+        _integer(60, 86400), "60..86400 s",
+        "Longest registration granted to a device not behind NAT.",
+    ),
+    Parameter(
+        "SS_ENDPOINT_NAT_EXPIRE", "endpoint-nat-expire", "endpointNatExpire", 300,
+        _integer(60, 86400), "60..86400 s",
+        "Longest registration granted to a device behind NAT.",
+    ),
+    Parameter(
+        "min_expires", "min-expires", "minExpires", 60, _integer(1, 86400),
+        "1..86400 s", "Shortest registration accepted; shorter gets 423.",
+    ),
+    Parameter(
+        "listen", "listen", "listen", ("0.0.0.0:5060",), _listen,
+        "HOST:PORT or [IPv6]:PORT, several allowed",
+        "UDP address to listen on; repeat for several ([::]:5060 for IPv6).",
+    ),
+    Parameter(
+        "db", "db", "db", "natkeep.sqlite", _text, "a file path",
+        "SQLite file the bindings are kept in.",
+    ),
+    Parameter(
+        "status", "status", "status", None, _optionalAddress, "HOST:PORT or empty",
+        "HTTP status and metrics endpoint; off when empty.",
+    ),
+    Parameter(
+        "payload", "payload", "payload", "raw", _name, "an installed payload name",
+        "Heartbeat payload strategy (raw, crlf, options, ...).",
+    ),
+    Parameter(
+        "pacing", "pacing", "pacing", "restart", _name, "an installed pacing name",
+        "Heartbeat pacing strategy (restart, resume, spread, ...).",
+    ),
+    Parameter(
+        "expiry", "expiry", "expiry", "cap", _name, "an installed expiry policy name",
+        "Expiry policy (cap, fixed, liveness, ...).",
+    ),
+    Parameter(
+        "liveness_misses", "liveness-misses", "livenessMisses", 3, _integer(1, 100),
+        "1..100", "With the liveness policy: unanswered heartbeats before removal.",
+    ),
+    Parameter(
+        "nat_detect", "nat-detect", "natDetect", frozenset(NAT_TESTS), _natTests,
+        "any of via, private, contact",
+        "NAT tests: via (source differs from Via sent-by), private (Contact host "
+        "is a private address), contact (Contact differs from source).",
+    ),
+    Parameter(
+        "ping_all", "ping-all", "pingAll", False, _boolean, "yes or no",
+        "Send heartbeats to bindings not behind NAT too.",
+    ),
+    Parameter(
+        "sip_trace", "sip-trace", "sipTrace", False, _boolean, "yes or no",
+        "Log every SIP message in and out.",
+    ),
+)
+
+#: VOS3000 keys natkeep recognises but does not act on: accepted, with a
+#: warning, so a VOS3000 file can be pasted whole.
+IGNORED_KEYS = frozenset(
+    {
+        "SS_MEDIA_PROXY_BEHIND_NAT",
+        "SS_SIP_TIMEOUT_INVITE",
+        "SS_SIP_STOP_SWITCH_AFTER_SDP",
+        "SS_SIP_USER_AGENT_STOP_SWITCH_AFTER_INVITE_TIMEOUT",
+        "SS_GATEWAY_SWITCH_LIMIT",
+        "SS_GATEWAY_SWITCH_STOP_AFTER_RTP_START",
+        "SS_SIP_SESSION_TTL",
+    }
+)
+
+BY_KEY = {p.key: p for p in PARAMETERS}
+BY_OPTION = {p.option: p for p in PARAMETERS}
+
+
+def _normaliseKey(key: str) -> str:
+    key = key.strip()
+    if key.upper().startswith("SS_"):
+        return key.upper()
+    return key.lower().replace("-", "_")
+
+
+@attrs.frozen
+class Settings:
+    """
+    Checked settings, all parameters in their final types.
+    """
+
+    message: bytes = b"HELLO"
+    period: int = 30
+    sendInterval: int = 500
+    sendOneTime: int = 3000
+    endpointExpire: int = 3600
+    endpointNatExpire: int = 300
+    minExpires: int = 60
+    listen: tuple[str, ...] = ("0.0.0.0:5060",)
+    db: str = "natkeep.sqlite"
+    status: Optional[str] = None
+    payload: str = "raw"
+    pacing: str = "restart"
+    expiry: str = "cap"
+    livenessMisses: int = 3
+    natDetect: frozenset[str] = frozenset(NAT_TESTS)
+    pingAll: bool = False
+    sipTrace: bool = False
+
+    @property
+    def batchesPerCycle(self) -> int:
+        """
+        Send intervals that fit in one period: C{ceil(PERIOD*1000/INTERVAL)}.
+        """
+        return math.ceil(self.period * 1000 / self.sendInterval)
+
+    @property
+    def capacity(self) -> int:
+        """
+        The most devices one cycle can reach.
+        """
+        return self.batchesPerCycle * self.sendOneTime
+
+
+def readConfigFile(path: str) -> tuple[dict[str, str], list[str]]:
+    """
+    Read an INI file of C{KEY = value} lines, with or without a section
+    header.
+
+    @return: the values by normalised key, and warnings to log.
+    @raise ConfigError: when the file cannot be read, or holds an unknown key.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}")
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=False, inline_comment_prefixes=("#", ";")
+    )
+    parser.optionxform = str  # type: ignore[assignment, method-assign]
+    try:
+        parser.read_string("[natkeep]\n" + text, source=path)
+    except configparser.Error as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid INI: {first}")
+    values: dict[str, str] = {}
+    warnings: list[str] = []
+    for section in parser.sections():
+        for rawKey, value in parser.items(section):
+            key = _normaliseKey(rawKey)
+            if key in IGNORED_KEYS:
+                warnings.append(
+                    f"{path}: {key} is a VOS3000 parameter natkeep accepts but "
+                    f"does not act on"
+                )
+                continue
+            if key not in BY_KEY:
+                raise ConfigError(f"{path}: unknown key {rawKey}{_nearest(key)}")
+            values[key] = value
+    return values, warnings
+
+
+def _nearest(key: str) -> str:
+    known = list(BY_KEY) + sorted(IGNORED_KEYS)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.3)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def buildSettings(
+    fileValues: Mapping[str, str], cliValues: Mapping[str, object]
+) -> Settings:
+    """
+    Merge defaults, file values (by key) and command-line values (by option
+    name; text, or a list of text for C{listen}) into checked L{Settings}.
+
+    @raise ConfigError: naming the key, the value and what is allowed.
+    """
+    chosen: dict[str, Any] = {}
+    for parameter in PARAMETERS:
+        source: Optional[str] = None
+        raw: Any = None
+        if parameter.option in cliValues and cliValues[parameter.option] is not None:
+            raw = cliValues[parameter.option]
+            source = f"--{parameter.option}"
+        elif parameter.key in fileValues:
+            raw = fileValues[parameter.key]
+            source = parameter.key
+        if source is None:
+            continue
+        if isinstance(raw, bool):
+            chosen[parameter.attribute] = raw
+            continue
+        text = " ".join(raw) if isinstance(raw, (list, tuple)) else str(raw)
+        try:
+            chosen[parameter.attribute] = parameter.parse(text)
+        except ValueError as e:
+            raise ConfigError(f"{source} = {text!r} is invalid: {e}")
+    settings = Settings(**chosen)
+    if settings.minExpires > min(settings.endpointExpire, settings.endpointNatExpire):
+        raise ConfigError(
+            f"min_expires = {settings.minExpires} is invalid: allowed at most "
+            f"SS_ENDPOINT_EXPIRE and SS_ENDPOINT_NAT_EXPIRE "
+            f"({min(settings.endpointExpire, settings.endpointNatExpire)})"
+        )
+    return settings
+
+
+def sanityWarnings(settings: Settings, devices: Optional[int] = None) -> list[str]:
+    """
+    Advice that is not an error (SPEC §2): settings that will work but are
+    likely to let NAT mappings die or devices starve.
+    """
+    warnings = []
+    if not settings.message and settings.payload == "raw":
+        warnings.append(
+            "SS_SIP_NAT_KEEP_ALIVE_MESSAGE is empty: no heartbeats will be sent"
+        )
+    if settings.period * 5 > settings.endpointNatExpire:
+        warnings.append(
+            f"SS_SIP_NAT_KEEP_ALIVE_PERIOD = {settings.period} is above "
+            f"SS_ENDPOINT_NAT_EXPIRE / 5 = {settings.endpointNatExpire / 5:g}"
+        )
+    if settings.period > 30:
+        warnings.append(
+            f"SS_SIP_NAT_KEEP_ALIVE_PERIOD = {settings.period} is above 30 s; many "
+            f"consumer NATs drop idle UDP mappings sooner"
+        )
+    if devices is not None and devices > settings.capacity:
+        warnings.append(
+            f"{devices} devices exceed one cycle's capacity of {settings.capacity} "
+            f"(ceil(PERIOD*1000/SEND_INTERVAL)*SEND_ONE_TIME); with pacing "
+            f"{settings.pacing!r} some devices miss heartbeats"
+        )
+    return warnings
+
+
+def iterOptionHelp() -> Iterable[tuple[str, str]]:
+    """
+    C{(option, help)} for every parameter, help naming the file key, the
+    range and the default.
+    """
+    for p in PARAMETERS:
+        default = p.default
+        if isinstance(default, bytes):
+            default = default.decode("utf-8", "backslashreplace")
+        elif isinstance(default, (tuple, frozenset)):
+            default = ",".join(sorted(default) if isinstance(default, frozenset) else default)
+        yield p.option, f"{p.help} [file key {p.key}; {p.allowed}; default {default}]"

@@ -1,0 +1,107 @@
+"""
+Built-in expiry policies: C{cap} (the default), C{fixed} and C{liveness}.
+"""
+
+from __future__ import annotations
+
+import attrs
+from zope.interface import implementer
+
+from natkeep.bindings import Binding
+from natkeep.config import Settings
+from natkeep.interfaces import IExpiryPolicy
+from natkeep.strategies import StrategyMaker
+
+
+@implementer(IExpiryPolicy)
+@attrs.frozen
+class CapExpiry:
+    """
+    Grant what the device asks for, capped at SS_ENDPOINT_EXPIRE, or at
+    SS_ENDPOINT_NAT_EXPIRE behind NAT.
+    """
+
+    endpointExpire: int
+    endpointNatExpire: int
+    name = "cap"
+    tracksHeartbeats = False
+
+    def grant(self, requested: int, nat: bool) -> int:
+        return min(requested, self.endpointNatExpire if nat else self.endpointExpire)
+
+    def heartbeatDue(self, binding: Binding) -> bool:
+        return True
+
+    def heartbeatAnswered(self, binding: Binding) -> None:
+        pass
+
+
+@implementer(IExpiryPolicy)
+@attrs.frozen
+class FixedExpiry:
+    """
+    Always grant SS_ENDPOINT_EXPIRE, or SS_ENDPOINT_NAT_EXPIRE behind NAT,
+    whatever the device asked for, as VOS3000 does.
+    """
+
+    endpointExpire: int
+    endpointNatExpire: int
+    name = "fixed"
+    tracksHeartbeats = False
+
+    def grant(self, requested: int, nat: bool) -> int:
+        return self.endpointNatExpire if nat else self.endpointExpire
+
+    def heartbeatDue(self, binding: Binding) -> bool:
+        return True
+
+    def heartbeatAnswered(self, binding: Binding) -> None:
+        pass
+
+
+@implementer(IExpiryPolicy)
+@attrs.frozen
+class LivenessExpiry:
+    """
+    Grant as C{cap} does, and remove a binding whose device left C{misses}
+    heartbeats in a row unanswered.  Meant for the C{options} payload, whose
+    heartbeats a live device answers.
+    """
+
+    endpointExpire: int
+    endpointNatExpire: int
+    misses: int
+    name = "liveness"
+    tracksHeartbeats = True
+
+    def grant(self, requested: int, nat: bool) -> int:
+        return min(requested, self.endpointNatExpire if nat else self.endpointExpire)
+
+    def heartbeatDue(self, binding: Binding) -> bool:
+        if binding.unanswered >= self.misses:
+            return False
+        binding.unanswered += 1
+        return True
+
+    def heartbeatAnswered(self, binding: Binding) -> None:
+        binding.unanswered = 0
+
+
+cap = StrategyMaker(
+    "cap",
+    IExpiryPolicy,
+    "grant min(requested, SS_ENDPOINT[_NAT]_EXPIRE) (default)",
+    lambda s: CapExpiry(s.endpointExpire, s.endpointNatExpire),
+)
+fixed = StrategyMaker(
+    "fixed",
+    IExpiryPolicy,
+    "always grant SS_ENDPOINT[_NAT]_EXPIRE, as VOS3000 does",
+    lambda s: FixedExpiry(s.endpointExpire, s.endpointNatExpire),
+)
+liveness = StrategyMaker(
+    "liveness",
+    IExpiryPolicy,
+    "as cap, and remove a binding after liveness_misses unanswered heartbeats",
+    lambda s: LivenessExpiry(s.endpointExpire, s.endpointNatExpire, s.livenessMisses),
+)
