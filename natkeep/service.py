@@ -1,0 +1,263 @@
+"""
+The wiring: one L{NatkeepService} that owns the listening sockets, the
+binding table and its expiry sweep, the store and the heartbeat sender.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from typing import Any, Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import error
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from natkeep.bindings import Binding, BindingTable
+from natkeep.config import ConfigError, Settings, parseListenAddress, sanityWarnings
+from natkeep.interfaces import IBindingStore, IExpiryPolicy, IPacer, IPayload
+from natkeep.registrar import Registrar, RegistrarProtocol
+from natkeep.sender import HeartbeatSender
+from natkeep.store import SQLiteStore, StoreError
+from natkeep.strategies import makeStrategy
+
+log = Logger()
+
+#: Datagrams up to the UDP maximum are read whole, so that an oversized one
+#: is recognised as such rather than truncated into something else.
+MAX_DATAGRAM = 65535
+
+#: Socket buffers asked for; the kernel caps them at its rmem_max/wmem_max.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+#: How often expired bindings are swept out.  Heartbeats stop at expiry
+#: whatever this is; it bounds how long a dead binding holds memory.
+SWEEP_INTERVAL = 1.0
+
+
+class ListenerService(Service):
+    """
+    The registrar's UDP sockets, bound before privileges are dropped.
+
+    @ivar listeners: the L{RegistrarProtocol} of each listening address.
+    """
+
+    def __init__(self, registrar: Registrar, addresses: tuple[str, ...], reactor: Any) -> None:
+        self.registrar = registrar
+        self.addresses = addresses
+        self.reactor = reactor
+        self.listeners: dict[str, RegistrarProtocol] = {}
+        self._ports: list[Any] = []
+
+    def privilegedStartService(self) -> None:
+        self._bind()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self._ports:
+            self._bind()
+        super().startService()
+
+    def _bind(self) -> None:
+        for address in self.addresses:
+            host, port = parseListenAddress(address)
+            protocol = RegistrarProtocol(self.registrar, address)
+            try:
+                listening = self.reactor.listenUDP(
+                    port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM
+                )
+            except error.CannotListenError as e:
+                raise SystemExit(f"natkeep: cannot listen on {address}: {e.socketError}")
+            _tuneSocket(listening)
+            self.listeners[address] = protocol
+            self._ports.append(listening)
+            log.info("Registrar listening on UDP {address}", address=address)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        ports, self._ports = self._ports, []
+        for port in ports:
+            port.stopListening()
+        self.listeners.clear()
+
+
+def _tuneSocket(port: Any) -> None:
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+class SweepService(Service):
+    """
+    Removes expired bindings every L{SWEEP_INTERVAL} seconds, and commits
+    removals to the store.
+    """
+
+    def __init__(self, table: BindingTable, store: IBindingStore, clock: Any) -> None:
+        self.table = table
+        self.store = store
+        self.clock = clock
+        self._loop: Optional[LoopingCall] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.sweep)
+        self._loop.clock = self.clock
+        self._loop.start(SWEEP_INTERVAL, now=True)
+
+    def sweep(self) -> None:
+        try:
+            removed = self.table.sweep(self.clock.seconds())
+            if self.store.pending():
+                self.store.commit()
+        except Exception:
+            log.failure("Sweeping expired bindings failed")
+            return
+        if removed:
+            log.debug("{n} bindings expired", n=removed)
+
+
+class RestoreService(Service):
+    """
+    Loads the stored bindings into the table when natkeep starts, once the
+    sockets they name are listening.
+    """
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        table: BindingTable,
+        listeners: ListenerService,
+        clock: Any,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.listeners = listeners
+        self.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        restored = 0
+        orphans: Counter[str] = Counter()
+        started = self.clock.seconds()
+        for row in self.store.load(started):
+            listener = self.listeners.listeners.get(row.listener)
+            if listener is None:
+                orphans[row.listener] += 1
+                continue
+            self.table.add(
+                Binding(
+                    row.aor,
+                    row.uri,
+                    row.params,
+                    row.source,
+                    listener,
+                    row.nat,
+                    row.expiresAt,
+                    row.callId,
+                    row.cseq,
+                )
+            )
+            restored += 1
+        for address, count in orphans.items():
+            log.warn(
+                "Skipped {count} stored bindings of {address}, which natkeep no "
+                "longer listens on; they stay in the store until they expire",
+                count=count,
+                address=address,
+            )
+        log.info(
+            "Restored {restored} bindings ({nat} behind NAT) from {path}",
+            restored=restored,
+            nat=self.table.natCount(),
+            path=self.store.path,
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+class NatkeepService(MultiService):
+    """
+    The whole of natkeep as one service.
+
+    @ivar table: the binding table.
+    @ivar registrar: the registrar logic.
+    @ivar listeners: the L{ListenerService} with the sockets.
+    @ivar stats: counters by name, shared by every part.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.stats: Counter[str] = Counter()
+        self.expiry: IExpiryPolicy = makeStrategy(IExpiryPolicy, settings.expiry, settings)
+        self.payload: IPayload = makeStrategy(IPayload, settings.payload, settings)
+        self.pacer: IPacer = makeStrategy(IPacer, settings.pacing, settings)
+        try:
+            self.store = SQLiteStore(settings.db)
+        except StoreError as e:
+            raise ConfigError(str(e))
+        self.table = BindingTable(removed=self.store.delete)
+        self.registrar = Registrar(
+            self.table,
+            reactor,
+            self.expiry,
+            minExpires=settings.minExpires,
+            natTests=settings.natDetect,
+            store=self.store,
+            payload=self.payload,
+            sipTrace=settings.sipTrace,
+            stats=self.stats,
+        )
+        self.listeners = ListenerService(self.registrar, settings.listen, reactor)
+        self.listeners.setServiceParent(self)
+        RestoreService(self.store, self.table, self.listeners, reactor).setServiceParent(self)
+        SweepService(self.table, self.store, reactor).setServiceParent(self)
+        self.sender = HeartbeatSender(
+            self.table,
+            reactor,
+            self.payload,
+            self.pacer,
+            self.expiry,
+            period=settings.period,
+            sendInterval=settings.sendInterval / 1000,
+            sendOneTime=settings.sendOneTime,
+            batches=settings.batchesPerCycle,
+            pingAll=settings.pingAll,
+            stats=self.stats,
+        )
+        self.sender.setServiceParent(self)
+
+    def startService(self) -> None:
+        for warning in sanityWarnings(self.settings):
+            log.warn("{warning}", warning=warning)
+        log.info(
+            "natkeep starting: payload {payload}, pacing {pacing}, expiry "
+            "{expiry}; capacity {capacity} devices per {period} s cycle",
+            payload=self.settings.payload,
+            pacing=self.settings.pacing,
+            expiry=self.settings.expiry,
+            capacity=self.settings.capacity,
+            period=self.settings.period,
+        )
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+
+        def close(result: Any) -> Any:
+            self.registrar.flush()
+            self.store.close()
+            return result
+
+        return d.addBoth(close)

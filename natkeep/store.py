@@ -1,0 +1,193 @@
+"""
+The store: bindings on disk, so that a restart (or a C{kill -9}) forgets no
+device.
+
+L{SQLiteStore} buffers the changes of a reactor turn and writes them in one
+transaction when the registrar commits, before any answer about them leaves.
+The journal is WAL with C{synchronous=NORMAL}: a commit survives the process
+dying at any point; only a power loss can take the last few commits.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Iterator, Optional
+
+import attrs
+from zope.interface import implementer
+
+from natkeep.bindings import Binding
+from natkeep.interfaces import IBindingStore
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bindings (
+    aor TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    params TEXT NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    listener TEXT NOT NULL,
+    nat INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    call_id TEXT NOT NULL,
+    cseq INTEGER NOT NULL,
+    PRIMARY KEY (aor, uri)
+);
+CREATE INDEX IF NOT EXISTS bindings_expiry ON bindings (expires_at);
+"""
+
+_UPSERT = """
+INSERT INTO bindings
+    (aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (aor, uri) DO UPDATE SET
+    params = excluded.params, host = excluded.host, port = excluded.port,
+    listener = excluded.listener, nat = excluded.nat,
+    expires_at = excluded.expires_at, call_id = excluded.call_id,
+    cseq = excluded.cseq
+"""
+
+
+class StoreError(Exception):
+    """
+    The binding database cannot be used; the message names the file.
+    """
+
+
+@attrs.frozen
+class StoredBinding:
+    """
+    A binding as the store keeps it: the listening socket by its address.
+    """
+
+    aor: str
+    uri: str
+    params: str
+    source: tuple[str, int]
+    listener: str
+    nat: bool
+    expiresAt: float
+    callId: str
+    cseq: int
+
+
+@implementer(IBindingStore)
+class SQLiteStore:
+    """
+    Bindings in an SQLite file.
+
+    @ivar path: the database file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._puts: dict[tuple[str, str], Binding] = {}
+        self._deletes: set[tuple[str, str]] = set()
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"binding database {path} has schema version {version}, "
+                    f"newer than this natkeep's {SCHEMA_VERSION}"
+                )
+            self._db.executescript(_SCHEMA)
+            if version < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("SELECT count(*) FROM bindings").fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot use binding database {path}: {e}")
+
+    def load(self, now: float) -> Iterator[StoredBinding]:
+        self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
+        cursor = self._db.execute(
+            "SELECT aor, uri, params, host, port, listener, nat, expires_at, "
+            "call_id, cseq FROM bindings ORDER BY rowid"
+        )
+        for aor, uri, params, host, port, listener, nat, expiresAt, callId, cseq in cursor:
+            yield StoredBinding(
+                aor, uri, params, (host, port), listener, bool(nat), expiresAt, callId, cseq
+            )
+
+    def put(self, binding: Binding) -> None:
+        key = (binding.aor, binding.uri)
+        self._deletes.discard(key)
+        self._puts[key] = binding
+
+    def delete(self, binding: Binding) -> None:
+        key = (binding.aor, binding.uri)
+        self._puts.pop(key, None)
+        self._deletes.add(key)
+
+    def pending(self) -> bool:
+        return bool(self._puts or self._deletes)
+
+    def commit(self) -> None:
+        puts, self._puts = self._puts, {}
+        deletes, self._deletes = self._deletes, set()
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            if deletes:
+                db.executemany("DELETE FROM bindings WHERE aor = ? AND uri = ?", deletes)
+            if puts:
+                # Values are read now, so several changes in one turn
+                # cost one row write.
+                db.executemany(
+                    _UPSERT,
+                    [
+                        (
+                            b.aor,
+                            b.uri,
+                            b.params,
+                            b.source[0],
+                            b.source[1],
+                            b.listener.address,
+                            int(b.nat),
+                            b.expiresAt,
+                            b.callId,
+                            b.cseq,
+                        )
+                        for b in puts.values()
+                    ],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            # Keep the writes for the next attempt.
+            puts.update(self._puts)
+            self._puts = puts
+            self._deletes |= deletes
+            raise
+
+    def count(self, now: Optional[float] = None, natOnly: bool = False) -> int:
+        query = "SELECT count(*) FROM bindings WHERE expires_at > ?"
+        if natOnly:
+            query += " AND nat = 1"
+        return int(self._db.execute(query, (now if now is not None else 0.0,)).fetchone()[0])
+
+    def close(self) -> None:
+        if self.pending():
+            self.commit()
+        self._db.close()
+
+
+def storedCount(path: str, now: float, natOnly: bool) -> Optional[int]:
+    """
+    How many live bindings the database at C{path} holds, without creating
+    it; L{None} when there is no such file.
+
+    @raise StoreError: when it cannot be read.
+    """
+    if not os.path.exists(path):
+        return None
+    store = SQLiteStore(path)
+    try:
+        return store.count(now, natOnly)
+    finally:
+        store.close()
