@@ -111,18 +111,12 @@ def decodeMessage(text: str) -> bytes:
                     raise ValueError
                 out.append(int(digits, 16))
             except ValueError:
-                raise ValueError(
-                    f"bad escape \\x{digits}; allowed \\r \\n \\t \\0 \\xHH \\\\"
-                )
+                raise ValueError(f"bad escape \\x{digits}; allowed \\r \\n \\t \\0 \\xHH \\\\")
             i += 4
         else:
-            raise ValueError(
-                f"bad escape \\{escape}; allowed \\r \\n \\t \\0 \\xHH \\\\"
-            )
+            raise ValueError(f"bad escape \\{escape}; allowed \\r \\n \\t \\0 \\xHH \\\\")
     if len(out) > MAX_MESSAGE_BYTES:
-        raise ValueError(
-            f"{len(out)} bytes; allowed 0..{MAX_MESSAGE_BYTES} bytes after escapes"
-        )
+        raise ValueError(f"{len(out)} bytes; allowed 0..{MAX_MESSAGE_BYTES} bytes after escapes")
     return bytes(out)
 
 
@@ -181,79 +175,158 @@ def _natTests(text: str) -> frozenset[str]:
 
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
-        "SS_SIP_NAT_KEEP_ALIVE_MESSAGE", "message", "message", b"HELLO", _message,
+        "SS_SIP_NAT_KEEP_ALIVE_MESSAGE",
+        "message",
+        "message",
+        b"HELLO",
+        _message,
         "0..1200 bytes after escapes",
         "Heartbeat payload, a raw UDP datagram; empty switches heartbeats off. "
         "Escapes \\r \\n \\t \\0 \\xHH \\\\.",
     ),
     Parameter(
-        "SS_SIP_NAT_KEEP_ALIVE_PERIOD", "period", "period", 30, _integer(10, 86400),
-        "10..86400 s", "Seconds between the starts of two heartbeat cycles.",
+        "SS_SIP_NAT_KEEP_ALIVE_PERIOD",
+        "period",
+        "period",
+        30,
+        _integer(10, 86400),
+        "10..86400 s",
+        "Seconds between the starts of two heartbeat cycles.",
     ),
     Parameter(
-        "SS_SIP_NAT_KEEP_ALIVE_SEND_INTERVAL", "send-interval", "sendInterval", 500,
-        _integer(1, 60000), "1..60000 ms",
+        "SS_SIP_NAT_KEEP_ALIVE_SEND_INTERVAL",
+        "send-interval",
+        "sendInterval",
+        500,
+        _integer(1, 60000),
+        "1..60000 ms",
         "Milliseconds between two batches within a cycle.",
     ),
     Parameter(
-        "SS_SIP_NAT_KEEP_ALIVE_SEND_ONE_TIME", "send-one-time", "sendOneTime", 3000,
-        _integer(1, 1000000), "1..1000000", "Heartbeats per batch.",
+        "SS_SIP_NAT_KEEP_ALIVE_SEND_ONE_TIME",
+        "send-one-time",
+        "sendOneTime",
+        3000,
+        _integer(1, 1000000),
+        "1..1000000",
+        "Heartbeats per batch.",
     ),
     Parameter(
-        "SS_ENDPOINT_EXPIRE", "endpoint-expire", "endpointExpire", 3600,
-        _integer(60, 86400), "60..86400 s",
+        "SS_ENDPOINT_EXPIRE",
+        "endpoint-expire",
+        "endpointExpire",
+        3600,
+        _integer(60, 86400),
+        "60..86400 s",
         "Longest registration granted to a device not behind NAT.",
     ),
     Parameter(
-        "SS_ENDPOINT_NAT_EXPIRE", "endpoint-nat-expire", "endpointNatExpire", 300,
-        _integer(60, 86400), "60..86400 s",
+        "SS_ENDPOINT_NAT_EXPIRE",
+        "endpoint-nat-expire",
+        "endpointNatExpire",
+        300,
+        _integer(60, 86400),
+        "60..86400 s",
         "Longest registration granted to a device behind NAT.",
     ),
     Parameter(
-        "min_expires", "min-expires", "minExpires", 60, _integer(1, 86400),
-        "1..86400 s", "Shortest registration accepted; shorter gets 423.",
+        "min_expires",
+        "min-expires",
+        "minExpires",
+        60,
+        _integer(1, 86400),
+        "1..86400 s",
+        "Shortest registration accepted; shorter gets 423.",
     ),
     Parameter(
-        "listen", "listen", "listen", ("0.0.0.0:5060",), _listen,
+        "listen",
+        "listen",
+        "listen",
+        ("0.0.0.0:5060",),
+        _listen,
         "HOST:PORT or [IPv6]:PORT, several allowed",
         "UDP address to listen on; repeat for several ([::]:5060 for IPv6).",
     ),
     Parameter(
-        "db", "db", "db", "natkeep.sqlite", _text, "a file path",
+        "db",
+        "db",
+        "db",
+        "natkeep.sqlite",
+        _text,
+        "a file path",
         "SQLite file the bindings are kept in.",
     ),
     Parameter(
-        "status", "status", "status", None, _optionalAddress, "HOST:PORT or empty",
+        "status",
+        "status",
+        "status",
+        None,
+        _optionalAddress,
+        "HOST:PORT or empty",
         "HTTP status and metrics endpoint; off when empty.",
     ),
     Parameter(
-        "payload", "payload", "payload", "raw", _name, "an installed payload name",
+        "payload",
+        "payload",
+        "payload",
+        "raw",
+        _name,
+        "an installed payload name",
         "Heartbeat payload strategy (raw, crlf, options, ...).",
     ),
     Parameter(
-        "pacing", "pacing", "pacing", "restart", _name, "an installed pacing name",
+        "pacing",
+        "pacing",
+        "pacing",
+        "restart",
+        _name,
+        "an installed pacing name",
         "Heartbeat pacing strategy (restart, resume, spread, ...).",
     ),
     Parameter(
-        "expiry", "expiry", "expiry", "cap", _name, "an installed expiry policy name",
+        "expiry",
+        "expiry",
+        "expiry",
+        "cap",
+        _name,
+        "an installed expiry policy name",
         "Expiry policy (cap, fixed, liveness, ...).",
     ),
     Parameter(
-        "liveness_misses", "liveness-misses", "livenessMisses", 3, _integer(1, 100),
-        "1..100", "With the liveness policy: unanswered heartbeats before removal.",
+        "liveness_misses",
+        "liveness-misses",
+        "livenessMisses",
+        3,
+        _integer(1, 100),
+        "1..100",
+        "With the liveness policy: unanswered heartbeats before removal.",
     ),
     Parameter(
-        "nat_detect", "nat-detect", "natDetect", frozenset(NAT_TESTS), _natTests,
+        "nat_detect",
+        "nat-detect",
+        "natDetect",
+        frozenset(NAT_TESTS),
+        _natTests,
         "any of via, private, contact",
         "NAT tests: via (source differs from Via sent-by), private (Contact host "
         "is a private address), contact (Contact differs from source).",
     ),
     Parameter(
-        "ping_all", "ping-all", "pingAll", False, _boolean, "yes or no",
+        "ping_all",
+        "ping-all",
+        "pingAll",
+        False,
+        _boolean,
+        "yes or no",
         "Send heartbeats to bindings not behind NAT too.",
     ),
     Parameter(
-        "sip_trace", "sip-trace", "sipTrace", False, _boolean, "yes or no",
+        "sip_trace",
+        "sip-trace",
+        "sipTrace",
+        False,
+        _boolean,
+        "yes or no",
         "Log every SIP message in and out.",
     ),
 )
@@ -351,8 +424,7 @@ def readConfigFile(path: str) -> tuple[dict[str, str], list[str]]:
             key = _normaliseKey(rawKey)
             if key in IGNORED_KEYS:
                 warnings.append(
-                    f"{path}: {key} is a VOS3000 parameter natkeep accepts but "
-                    f"does not act on"
+                    f"{path}: {key} is a VOS3000 parameter natkeep accepts but does not act on"
                 )
                 continue
             if key not in BY_KEY:
@@ -369,9 +441,7 @@ def _nearest(key: str) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def buildSettings(
-    fileValues: Mapping[str, str], cliValues: Mapping[str, object]
-) -> Settings:
+def buildSettings(fileValues: Mapping[str, str], cliValues: Mapping[str, object]) -> Settings:
     """
     Merge defaults, file values (by key) and command-line values (by option
     name; text, or a list of text for C{listen}) into checked L{Settings}.
@@ -415,9 +485,7 @@ def sanityWarnings(settings: Settings, devices: Optional[int] = None) -> list[st
     """
     warnings = []
     if not settings.message and settings.payload == "raw":
-        warnings.append(
-            "SS_SIP_NAT_KEEP_ALIVE_MESSAGE is empty: no heartbeats will be sent"
-        )
+        warnings.append("SS_SIP_NAT_KEEP_ALIVE_MESSAGE is empty: no heartbeats will be sent")
     if settings.period * 5 > settings.endpointNatExpire:
         warnings.append(
             f"SS_SIP_NAT_KEEP_ALIVE_PERIOD = {settings.period} is above "

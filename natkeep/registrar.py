@@ -31,6 +31,7 @@ from natkeep.sip import (
     Response,
     SIPError,
     Via,
+    isPrivateAddress,
     parseCSeq,
     parseDeltaSeconds,
     parseMessage,
@@ -39,7 +40,6 @@ from natkeep.sip import (
     parseVia,
     renderResponse,
     splitCommas,
-    isPrivateAddress,
 )
 
 log = Logger()
@@ -96,9 +96,7 @@ class Registrar:
 
     # Input
 
-    def datagramReceived(
-        self, data: bytes, source: tuple[str, int], listener: IListener
-    ) -> None:
+    def datagramReceived(self, data: bytes, source: tuple[str, int], listener: IListener) -> None:
         """
         Handle one datagram from C{source} that arrived on C{listener}.
         Never raises for anything a datagram can hold.
@@ -144,9 +142,7 @@ class Registrar:
     def _drop(self, reason: str, source: tuple[str, int], detail: str) -> None:
         self.stats["dropped"] += 1
         self.stats[f"dropped.{reason}"] += 1
-        log.debug(
-            "Dropped datagram from {source}: {detail}", source=source, detail=detail
-        )
+        log.debug("Dropped datagram from {source}: {detail}", source=source, detail=detail)
 
     def _responseReceived(self, response: Response, source: tuple[str, int]) -> None:
         self.stats["responses.received"] += 1
@@ -301,11 +297,7 @@ class Registrar:
                 )
                 return
             existing = self.table.get(aor, contact.uri)
-            if (
-                existing is not None
-                and existing.callId == callId
-                and cseq < existing.cseq
-            ):
+            if existing is not None and existing.callId == callId and cseq < existing.cseq:
                 # RFC 3261 §10.3 step 7: an older request must not undo a
                 # newer one.  An equal CSeq is a retransmission, answered
                 # again below as if new.
@@ -386,9 +378,7 @@ class Registrar:
 
     # NAT detection
 
-    def _contactNat(
-        self, host: str, port: Optional[int], source: tuple[str, int]
-    ) -> bool:
+    def _contactNat(self, host: str, port: Optional[int], source: tuple[str, int]) -> bool:
         if "private" in self.natTests and isPrivateAddress(host):
             return True
         if "contact" in self.natTests:
@@ -497,9 +487,7 @@ class Registrar:
         for listener, data, address in held:
             self._transmit(listener, data, address)
 
-    def _transmit(
-        self, listener: IListener, data: bytes, address: tuple[str, int]
-    ) -> None:
+    def _transmit(self, listener: IListener, data: bytes, address: tuple[str, int]) -> None:
         try:
             listener.sendto(data, address)
         except OSError as e:

@@ -139,9 +139,7 @@ class HeartbeatSender(Service):
             self._closeCycle()
             now = self.clock.seconds()
             self.payload.cycleStarted(now)
-            self._cycle = self.pacer.startCycle(
-                self.targets(), self.batches, self.sendOneTime
-            )
+            self._cycle = self.pacer.startCycle(self.targets(), self.batches, self.sendOneTime)
             self.current = CycleReport(started=now, due=self._cycle.due)
             self.stats["cycles"] += 1
             loop = self._batchLoop = LoopingCall(self._tick)

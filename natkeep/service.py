@@ -122,6 +122,11 @@ class SweepService(Service):
         if removed:
             log.debug("{n} bindings expired", n=removed)
 
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
 
 class RestoreService(Service):
     """
@@ -178,11 +183,6 @@ class RestoreService(Service):
             nat=self.table.natCount(),
             path=self.store.path,
         )
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
 
 
 class NatkeepService(MultiService):

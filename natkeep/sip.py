@@ -310,8 +310,7 @@ class Via:
         host = f"[{self.host}]" if ":" in self.host else self.host
         sentBy = host if self.port is None else f"{host}:{self.port}"
         params = "".join(
-            f";{key}" if value is None else f";{key}={value}"
-            for key, value in self.params
+            f";{key}" if value is None else f";{key}={value}" for key, value in self.params
         )
         return f"{self.protocol} {sentBy}{params}"
 

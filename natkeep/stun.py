@@ -26,11 +26,7 @@ def looksLikeSTUN(data: bytes) -> bool:
     are zero (a SIP message starts with a letter) and the magic cookie is in
     place (RFC 5389 §6).
     """
-    return (
-        len(data) >= 20
-        and data[0] < 0x40
-        and data[4:8] == b"\x21\x12\xa4\x42"
-    )
+    return len(data) >= 20 and data[0] < 0x40 and data[4:8] == b"\x21\x12\xa4\x42"
 
 
 def bindingResponse(data: bytes, host: str, port: int) -> Optional[bytes]:

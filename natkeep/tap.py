@@ -42,8 +42,7 @@ class Options(usage.Options):
             "devices",
             None,
             None,
-            "With --check: plan for this many NATed devices (default: the "
-            "bindings in the store).",
+            "With --check: plan for this many NATed devices (default: the bindings in the store).",
         ],
     ] + [
         [option, None, None, help]
@@ -117,4 +116,3 @@ def makeService(options: Options) -> IService:
         return NatkeepService(settings, reactor)
     except ConfigError as e:
         raise SystemExit(f"natkeep: error: {e}")
-

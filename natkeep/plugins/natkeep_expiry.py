@@ -8,7 +8,6 @@ import attrs
 from zope.interface import implementer
 
 from natkeep.bindings import Binding
-from natkeep.config import Settings
 from natkeep.interfaces import IExpiryPolicy
 from natkeep.strategies import StrategyMaker
 

@@ -10,7 +10,6 @@ import attrs
 from zope.interface import implementer
 
 from natkeep.bindings import DEAD, Binding
-from natkeep.config import Settings
 from natkeep.interfaces import IPayload
 from natkeep.sip import Response, parseCSeq, renderRequest
 from natkeep.strategies import StrategyMaker
@@ -102,9 +101,7 @@ class OptionsPayload:
             ],
         )
 
-    def responseReceived(
-        self, response: Response, source: tuple[str, int]
-    ) -> Optional[Binding]:
+    def responseReceived(self, response: Response, source: tuple[str, int]) -> Optional[Binding]:
         callId = response.header("call-id")
         cseq = response.header("cseq")
         if callId is None or cseq is None:
@@ -137,9 +134,7 @@ raw = StrategyMaker(
     "SS_SIP_NAT_KEEP_ALIVE_MESSAGE as a raw UDP datagram (default)",
     lambda s: RawPayload(s.message),
 )
-crlf = StrategyMaker(
-    "crlf", IPayload, "a double CRLF (RFC 5626 ping)", lambda s: CRLFPayload()
-)
+crlf = StrategyMaker("crlf", IPayload, "a double CRLF (RFC 5626 ping)", lambda s: CRLFPayload())
 options = StrategyMaker(
     "options",
     IPayload,

@@ -1,0 +1,158 @@
+"""
+In-memory fakes for testing natkeep and code built on it: a listener that
+records what it sends, a store that keeps bindings in a dict, and builders
+for the SIP requests a phone sends.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Iterable, Optional
+
+import attrs
+from zope.interface import implementer
+
+from natkeep.bindings import Binding
+from natkeep.interfaces import IBindingStore, IListener
+from natkeep.store import StoredBinding
+
+
+@implementer(IListener)
+@attrs.define
+class FakeListener:
+    """
+    A listener that records each datagram instead of sending it.
+
+    @ivar sent: C{(data, address)} pairs, in order.
+    @ivar failures: how many of the next sends raise C{ENOBUFS}.
+    """
+
+    address: str = "127.0.0.1:5060"
+    sent: list[tuple[bytes, tuple[str, int]]] = attrs.field(factory=list)
+    failures: int = 0
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        self.sent.append((data, address))
+        return len(data)
+
+    def clear(self) -> list[tuple[bytes, tuple[str, int]]]:
+        """
+        Return what was sent so far and forget it.
+        """
+        sent, self.sent = self.sent, []
+        return sent
+
+
+@implementer(IBindingStore)
+@attrs.define
+class MemoryStore:
+    """
+    A store that keeps committed bindings in a dict.
+
+    @ivar rows: the committed bindings by C{(aor, uri)}.
+    @ivar commits: how many commits were made.
+    @ivar failures: how many of the next commits raise L{OSError}, keeping
+        their writes pending.
+    """
+
+    rows: dict[tuple[str, str], StoredBinding] = attrs.field(factory=dict)
+    commits: int = 0
+    failures: int = 0
+    _puts: dict[tuple[str, str], Binding] = attrs.field(factory=dict)
+    _deletes: set[tuple[str, str]] = attrs.field(factory=set)
+
+    def load(self, now: float) -> Iterable[StoredBinding]:
+        for key in [k for k, row in self.rows.items() if row.expiresAt <= now]:
+            del self.rows[key]
+        return list(self.rows.values())
+
+    def put(self, binding: Binding) -> None:
+        key = (binding.aor, binding.uri)
+        self._deletes.discard(key)
+        self._puts[key] = binding
+
+    def delete(self, binding: Binding) -> None:
+        key = (binding.aor, binding.uri)
+        self._puts.pop(key, None)
+        self._deletes.add(key)
+
+    def pending(self) -> bool:
+        return bool(self._puts or self._deletes)
+
+    def commit(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("commit failed")
+        for key in self._deletes:
+            self.rows.pop(key, None)
+        for key, b in self._puts.items():
+            self.rows[key] = StoredBinding(
+                b.aor,
+                b.uri,
+                b.params,
+                b.source,
+                b.listener.address,
+                b.nat,
+                b.expiresAt,
+                b.callId,
+                b.cseq,
+            )
+        self._puts.clear()
+        self._deletes.clear()
+        self.commits += 1
+
+    def count(self) -> int:
+        return len(self.rows)
+
+    def close(self) -> None:
+        self.commit()
+
+
+def register(
+    user: str = "1001",
+    domain: str = "example.com",
+    *,
+    contacts: Iterable[str] = ("<sip:1001@192.168.1.20:5060>",),
+    via: str = "SIP/2.0/UDP 192.168.1.20:5060;branch=z9hG4bK-1;rport",
+    callId: str = "call-1@phone",
+    cseq: int = 1,
+    expires: Optional[int] = None,
+    extra: Iterable[str] = (),
+) -> bytes:
+    """
+    A REGISTER as a phone sends it.  Pass C{contacts=()} for a query.
+    """
+    lines = [
+        f"REGISTER sip:{domain} SIP/2.0",
+        f"Via: {via}",
+        "Max-Forwards: 70",
+        f"From: <sip:{user}@{domain}>;tag=f{cseq}",
+        f"To: <sip:{user}@{domain}>",
+        f"Call-ID: {callId}",
+        f"CSeq: {cseq} REGISTER",
+    ]
+    lines.extend(f"Contact: {c}" for c in contacts)
+    if expires is not None:
+        lines.append(f"Expires: {expires}")
+    lines.extend(extra)
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+def request(method: str, *, callId: str = "call-9@phone", cseq: int = 1) -> bytes:
+    """
+    A minimal well-formed request of any method.
+    """
+    return (
+        f"{method} sip:natkeep@example.com SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 192.168.1.20:5060;branch=z9hG4bK-{method}\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:1001@example.com>;tag=x\r\n"
+        "To: <sip:natkeep@example.com>\r\n"
+        f"Call-ID: {callId}\r\n"
+        f"CSeq: {cseq} {method}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode("utf-8")

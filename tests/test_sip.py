@@ -1,0 +1,256 @@
+"""
+Tests for L{natkeep.sip}, the SIP parser and renderer.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from natkeep.sip import (
+    MAX_DELTA_SECONDS,
+    Request,
+    Response,
+    SIPError,
+    isPrivateAddress,
+    parseCSeq,
+    parseDeltaSeconds,
+    parseMessage,
+    parseNameAddr,
+    parseURI,
+    parseVia,
+    renderResponse,
+    splitCommas,
+)
+from natkeep.testing import register
+
+
+class ParseMessageTests(SynchronousTestCase):
+    """
+    L{parseMessage} splits a datagram into start line, headers and body.
+    """
+
+    def test_request(self) -> None:
+        """
+        A REGISTER parses into a L{Request} with lower-case header names.
+        """
+        message = parseMessage(register())
+        self.assertIsInstance(message, Request)
+        assert isinstance(message, Request)
+        self.assertEqual(message.method, "REGISTER")
+        self.assertEqual(message.uri, "sip:example.com")
+        self.assertEqual(message.header("call-id"), "call-1@phone")
+        self.assertEqual(message.headers["cseq"], ["1 REGISTER"])
+
+    def test_response(self) -> None:
+        """
+        A status line parses into a L{Response}.
+        """
+        message = parseMessage(b"SIP/2.0 200 OK\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n\r\n")
+        assert isinstance(message, Response)
+        self.assertEqual((message.code, message.reason), (200, "OK"))
+
+    def test_compactForms(self) -> None:
+        """
+        Compact header names (RFC 3261 §7.3.3) map to their full names, and
+        names are case-insensitive.
+        """
+        data = (
+            b"REGISTER sip:a SIP/2.0\r\nv: SIP/2.0/UDP h\r\nf: <sip:a@b>\r\n"
+            b"t: <sip:a@b>\r\ni: cid\r\nm: <sip:a@h>\r\nl: 0\r\nCSEQ: 1 REGISTER\r\n\r\n"
+        )
+        message = parseMessage(data)
+        self.assertEqual(
+            sorted(message.headers),
+            ["call-id", "contact", "content-length", "cseq", "from", "to", "via"],
+        )
+
+    def test_folding(self) -> None:
+        """
+        A header line starting with white space continues the previous one.
+        """
+        data = b"OPTIONS sip:a SIP/2.0\r\nSubject: one\r\n  two\r\n\r\n"
+        self.assertEqual(parseMessage(data).header("subject"), "one two")
+
+    def test_bareLineFeeds(self) -> None:
+        """
+        Lines ended by LF alone are accepted.
+        """
+        data = b"OPTIONS sip:a SIP/2.0\nCall-ID: x\n\n"
+        self.assertEqual(parseMessage(data).header("call-id"), "x")
+
+    def test_contentLengthTruncatesBody(self) -> None:
+        """
+        The body is cut at Content-Length.
+        """
+        data = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 2\r\n\r\nabcdef"
+        self.assertEqual(parseMessage(data).body, b"ab")
+
+    def assertFault(self, data: bytes, reason: str, status: int = 400) -> SIPError:
+        error = self.assertRaises(SIPError, parseMessage, data)
+        self.assertEqual((error.status, error.reason), (status, reason))
+        return error
+
+    def test_contentLengthExceedsBody(self) -> None:
+        """
+        A Content-Length larger than the body is a 400 (RFC 3261 §18.3), and
+        the parsed headers come with the error so it can be answered.
+        """
+        error = self.assertFault(
+            b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 99999\r\n\r\nab",
+            "Content-Length Exceeds Body",
+        )
+        self.assertIsInstance(error.partial, Request)
+
+    def test_badContentLength(self) -> None:
+        """
+        A non-numeric or negative Content-Length is named.
+        """
+        self.assertFault(b"OPTIONS sip:a SIP/2.0\r\nl: x\r\n\r\n", "Invalid Content-Length")
+        self.assertFault(b"OPTIONS sip:a SIP/2.0\r\nl: -1\r\n\r\n", "Invalid Content-Length")
+
+    def test_truncated(self) -> None:
+        """
+        A datagram without the blank line after the headers is truncated.
+        """
+        self.assertFault(b"REGISTER sip:a SIP/2.0\r\nVia: x", "Truncated Message")
+
+    def test_garbage(self) -> None:
+        """
+        Bytes that are not SIP name their fault.
+        """
+        self.assertFault(b"\xff\xfe\r\n\r\n", "Header Not UTF-8")
+        self.assertFault(b"hello world\r\n\r\n", "Malformed Request Line")
+        self.assertFault(b"SIP/2.0 abc OK\r\n\r\n", "Malformed Status Line")
+        self.assertFault(b"SIP/2.0 99 Low\r\n\r\n", "Malformed Status Line")
+        self.assertFault(b"OPTIONS sip:a SIP/2.0\r\nnocolon\r\n\r\n", "Malformed Header Line")
+        self.assertFault(b"OPTIONS sip:a SIP/2.0\r\n: v\r\n\r\n", "Malformed Header Line")
+        self.assertFault(b"OPTIONS sip:a SIP/2.0\r\n folded\r\n\r\n", "Malformed Header Folding")
+        self.assertFault(b"OPT{}IONS sip:a SIP/2.0\r\n\r\n", "Malformed Request Line")
+
+    def test_tooLarge(self) -> None:
+        """
+        Datagrams over the size limit, or with too many header lines, are
+        refused with 513.
+        """
+        self.assertFault(
+            b"OPTIONS sip:a SIP/2.0\r\n" + b"X: y\r\n" * 4000 + b"\r\n", "Message Too Large", 513
+        )
+        self.assertFault(
+            b"OPTIONS sip:a SIP/2.0\r\n" + b"X: y\r\n" * 200 + b"\r\n", "Too Many Header Lines", 513
+        )
+
+
+class HeaderValueTests(SynchronousTestCase):
+    """
+    Parsers for the header values a registrar acts on.
+    """
+
+    def test_splitCommas(self) -> None:
+        """
+        Commas inside quotes or angle brackets do not split values.
+        """
+        values = ['"Doe, J" <sip:a@b;x=1,2>;q=1, <sip:c@d>', "sip:e@f"]
+        self.assertEqual(
+            list(splitCommas(values)),
+            ['"Doe, J" <sip:a@b;x=1,2>;q=1', "<sip:c@d>", "sip:e@f"],
+        )
+
+    def test_via(self) -> None:
+        """
+        A Via gives its protocol, sent-by and parameters, and renders back.
+        """
+        via = parseVia("SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bKx;rport")
+        self.assertEqual((via.host, via.port), ("10.0.0.1", 5062))
+        self.assertEqual(via.param("branch"), "z9hG4bKx")
+        self.assertTrue(via.hasParam("rport"))
+        self.assertEqual(via.render(), "SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bKx;rport")
+
+    def test_viaIPv6(self) -> None:
+        """
+        An IPv6 sent-by is bracketed.
+        """
+        via = parseVia("SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKx")
+        self.assertEqual((via.host, via.port), ("2001:db8::1", 5060))
+        self.assertEqual(via.render(), "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKx")
+
+    def test_badVia(self) -> None:
+        """
+        A Via without a SIP/2.0 protocol or with a bad port is malformed.
+        """
+        for value in ["HTTP/1.1 host", "SIP/2.0/UDP", "SIP/2.0/UDP h:99999", "SIP/2.0/UDP [::1"]:
+            self.assertRaises(SIPError, parseVia, value)
+
+    def test_uri(self) -> None:
+        """
+        A SIP URI gives user, host and port; the AOR drops parameters.
+        """
+        uri = parseURI("sip:1001:pw@Example.COM:5070;transport=udp?x=y")
+        self.assertEqual((uri.user, uri.host, uri.port), ("1001", "Example.COM", 5070))
+        self.assertEqual(uri.addressOfRecord(), "sip:1001@example.com:5070")
+        self.assertEqual(parseURI("sips:[::1]").addressOfRecord(), "sips:[::1]")
+
+    def test_badURI(self) -> None:
+        """
+        Only sip: and sips: URIs with a sound host are accepted.
+        """
+        for text in ["tel:+123", "http://x", "sip:", "sip:a@h:port", "nonsense"]:
+            self.assertRaises(SIPError, parseURI, text)
+
+    def test_nameAddr(self) -> None:
+        """
+        A name-addr gives display name, URI and header parameters; in the
+        addr-spec form parameters belong to the header.
+        """
+        value = parseNameAddr('"Bob" <sip:b@h;transport=udp>;expires=60;+sip.instance="<urn:x>"')
+        self.assertEqual(value.display, '"Bob"')
+        self.assertEqual(value.uri, "sip:b@h;transport=udp")
+        self.assertEqual(value.param("expires"), "60")
+        bare = parseNameAddr("sip:b@h;expires=30")
+        self.assertEqual((bare.uri, bare.param("expires")), ("sip:b@h", "30"))
+        self.assertRaises(SIPError, parseNameAddr, "<sip:b@h")
+        self.assertRaises(SIPError, parseNameAddr, "<sip:b@h> junk")
+
+    def test_deltaSeconds(self) -> None:
+        """
+        delta-seconds are non-negative integers; huge ones are clamped.
+        """
+        self.assertEqual(parseDeltaSeconds(" 60 "), 60)
+        self.assertEqual(parseDeltaSeconds("9" * 40), MAX_DELTA_SECONDS)
+        for bad in ["-1", "1.5", "abc", "", "٣"]:
+            self.assertRaises(ValueError, parseDeltaSeconds, bad)
+
+    def test_cseq(self) -> None:
+        """
+        CSeq is a number below 2**31 and a method.
+        """
+        self.assertEqual(parseCSeq("42 REGISTER"), (42, "REGISTER"))
+        for bad in ["REGISTER", "x REGISTER", "1 2 3", str(2**31) + " REGISTER"]:
+            self.assertRaises(SIPError, parseCSeq, bad)
+
+    def test_privateAddresses(self) -> None:
+        """
+        Private, shared, link-local and unique-local addresses are private;
+        public addresses and names are not.
+        """
+        for host in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.1.1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:192.168.0.1",
+        ]:
+            self.assertTrue(isPrivateAddress(host), host)
+        for host in ["8.8.8.8", "127.0.0.1", "2001:db8::1", "pbx.example.com", "100.128.0.1"]:
+            self.assertFalse(isPrivateAddress(host), host)
+
+    def test_renderResponse(self) -> None:
+        """
+        A rendered response ends its headers with Content-Length and a blank
+        line, and parses back.
+        """
+        data = renderResponse(200, "OK", [("Call-ID", "x")])
+        self.assertTrue(data.endswith(b"Content-Length: 0\r\n\r\n"))
+        message = parseMessage(data)
+        assert isinstance(message, Response)
+        self.assertEqual(message.header("call-id"), "x")
