@@ -10,6 +10,7 @@ import errno
 from typing import Iterable, Optional
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from natkeep.bindings import Binding
@@ -25,17 +26,23 @@ class FakeListener:
 
     @ivar sent: C{(data, address)} pairs, in order.
     @ivar failures: how many of the next sends raise C{ENOBUFS}.
+    @ivar clock: when set, each send is also recorded in C{timeline} as
+        C{(time, data, address)}.
     """
 
     address: str = "127.0.0.1:5060"
     sent: list[tuple[bytes, tuple[str, int]]] = attrs.field(factory=list)
     failures: int = 0
+    clock: Optional[IReactorTime] = None
+    timeline: list[tuple[float, bytes, tuple[str, int]]] = attrs.field(factory=list)
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
         if self.failures:
             self.failures -= 1
             raise OSError(errno.ENOBUFS, "No buffer space available")
         self.sent.append((data, address))
+        if self.clock is not None:
+            self.timeline.append((self.clock.seconds(), data, address))
         return len(data)
 
     def clear(self) -> list[tuple[bytes, tuple[str, int]]]:

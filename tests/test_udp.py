@@ -102,3 +102,87 @@ class IPv6Tests(ServiceTestCase):
         [binding] = service.table.lookup("sip:6001@example.com")
         self.assertEqual(binding.source, ("::1", device.port))
         self.assertTrue(binding.nat)
+
+
+def answerOptions(data: bytes) -> bytes | None:
+    """
+    What a live phone says to an OPTIONS: 200 OK with the dialog headers.
+    """
+    message = parseMessage(data)
+    if getattr(message, "method", None) != "OPTIONS":
+        return None
+    lines = ["SIP/2.0 200 OK"]
+    for name in ("via", "from", "to", "call-id", "cseq"):
+        lines.extend(f"{name}: {value}" for value in message.headers[name])
+    return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+class HeartbeatUDPTests(ServiceTestCase):
+    """
+    Heartbeats over real sockets, paced by the (fake) clock.
+    """
+
+    @defer.inlineCallbacks
+    def test_paced(self):  # type: ignore[no-untyped-def]
+        """
+        Three NATed devices registered over UDP each receive the configured
+        payload from the server's socket, one per send interval (ONE_TIME
+        1), in registration order, and again the next period.
+        """
+        service = self.startService(
+            message=b"KEEP\r\n", period=10, sendInterval=1000, sendOneTime=1
+        )
+        devices = [startDevice(self) for _ in range(3)]
+        for n, device in enumerate(devices):
+            yield self.registerDevice(device, f"50{n}")
+        clock = self.reactor.clock
+        clock.advance(10 - clock.seconds() % 10)  # the next period begins
+        for cycle in range(2):
+            for device in devices:
+                data, source = yield device.next()
+                self.assertEqual((data, source), (b"KEEP\r\n", self.server))
+                for other in devices:
+                    self.assertEqual(other.received, [])
+                clock.advance(1)
+            if cycle == 0:
+                clock.advance(7)
+        self.assertEqual(service.stats["heartbeats.sent"], 6)
+
+    @defer.inlineCallbacks
+    def test_optionsAnsweredStays(self):  # type: ignore[no-untyped-def]
+        """
+        With the C{options} payload and C{liveness}, a device that answers
+        stays registered, and a silent one is removed after N unanswered
+        heartbeats.
+        """
+        service = self.startService(
+            payload="options",
+            expiry="liveness",
+            livenessMisses=2,
+            period=10,
+            sendInterval=1000,
+        )
+        talker, silent = startDevice(self), startDevice(self)
+        talker.answer = answerOptions
+        yield self.registerDevice(talker, "7001")
+        yield self.registerDevice(silent, "7002")
+        clock = self.reactor.clock
+        for _ in range(3):
+            clock.advance(10)
+            data, _ = yield talker.next()
+            self.assertTrue(data.startswith(b"OPTIONS sip:1001@192.168.1.20:5060 SIP/2.0"), data)
+            if service.table.lookup("sip:7002@example.com"):
+                data, _ = yield silent.next()
+                self.assertTrue(data.startswith(b"OPTIONS "))
+            # The answer crosses loopback; let the registrar read it.
+            yield deferLater(0.05)
+        self.assertEqual(service.table.lookup("sip:7002@example.com"), [])
+        self.assertEqual(len(service.table.lookup("sip:7001@example.com")), 1)
+        self.assertGreaterEqual(service.stats["heartbeats.answered"], 3)
+        self.assertEqual(service.stats["bindings.dead"], 1)
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import reactor, task
+
+    return task.deferLater(reactor, seconds, lambda: None)
