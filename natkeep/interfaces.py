@@ -173,6 +173,8 @@ class IBindingStore(Interface):
     its changes.
     """
 
+    location = Attribute("Where the bindings are kept, for log lines.")
+
     def load(now: float) -> object:
         """
         The stored bindings that are still alive at C{now}, as an iterable of

@@ -136,7 +136,7 @@ class RestoreService(Service):
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: IBindingStore,
         table: BindingTable,
         listeners: ListenerService,
         clock: Any,
@@ -181,7 +181,7 @@ class RestoreService(Service):
             "Restored {restored} bindings ({nat} behind NAT) from {path}",
             restored=restored,
             nat=self.table.natCount(),
-            path=self.store.path,
+            path=self.store.location,
         )
 
 

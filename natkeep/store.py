@@ -79,11 +79,11 @@ class SQLiteStore:
     """
     Bindings in an SQLite file.
 
-    @ivar path: the database file.
+    @ivar path: the database file; also its C{location}.
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = self.location = path
         self._puts: dict[tuple[str, str], Binding] = {}
         self._deletes: set[tuple[str, str]] = set()
         try:

@@ -68,6 +68,7 @@ class MemoryStore:
     rows: dict[tuple[str, str], StoredBinding] = attrs.field(factory=dict)
     commits: int = 0
     failures: int = 0
+    location: str = "memory"
     _puts: dict[tuple[str, str], Binding] = attrs.field(factory=dict)
     _deletes: set[tuple[str, str]] = attrs.field(factory=set)
 

@@ -1,0 +1,257 @@
+"""
+Tests for L{natkeep.store}: bindings in SQLite, and restoring them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from natkeep.bindings import Binding, BindingTable
+from natkeep.interfaces import IBindingStore
+from natkeep.service import ListenerService, RestoreService
+from natkeep.store import SCHEMA_VERSION, SQLiteStore, StoreError, storedCount
+from natkeep.testing import FakeListener, MemoryStore
+
+
+def binding(n: int, expiresAt: float = 500.0, nat: bool = True, listener: object = None) -> Binding:
+    return Binding(
+        f"sip:{n}@example.com",
+        f"sip:{n}@10.0.0.{n % 250}:5060",
+        ';+sip.instance="<x>"',
+        ("198.51.100.7", 20000 + n),
+        listener or FakeListener(),
+        nat,
+        expiresAt,
+        f"call-{n}",
+        n + 1,
+    )
+
+
+class SQLiteStoreTests(SynchronousTestCase):
+    """
+    L{SQLiteStore} keeps what was committed.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.store = SQLiteStore(self.path)
+        self.addCleanup(lambda: self.store.close())
+
+    def reopen(self) -> SQLiteStore:
+        self.store.close()
+        self.store = SQLiteStore(self.path)
+        return self.store
+
+    def test_provides(self) -> None:
+        """
+        Both stores provide L{IBindingStore}.
+        """
+        self.assertTrue(verifyObject(IBindingStore, self.store))
+        self.assertTrue(verifyObject(IBindingStore, MemoryStore()))
+
+    def test_roundTrip(self) -> None:
+        """
+        A committed binding comes back whole: NAT flag, source, listening
+        address, Call-ID and CSeq included.
+        """
+        b = binding(1)
+        self.store.put(b)
+        self.assertTrue(self.store.pending())
+        self.store.commit()
+        self.assertFalse(self.store.pending())
+        [row] = list(self.reopen().load(100.0))
+        self.assertEqual(
+            (
+                row.aor,
+                row.uri,
+                row.params,
+                row.source,
+                row.listener,
+                row.nat,
+                row.expiresAt,
+                row.callId,
+                row.cseq,
+            ),
+            (b.aor, b.uri, b.params, b.source, "127.0.0.1:5060", True, 500.0, "call-1", 2),
+        )
+
+    def test_uncommittedLost(self) -> None:
+        """
+        What was not committed is not on disk.
+        """
+        self.store.put(binding(1))
+        self.store._db.close()  # a crash: nothing more is written
+        self.store = SQLiteStore(self.path)
+        self.assertEqual(list(self.store.load(0.0)), [])
+
+    def test_latestValues(self) -> None:
+        """
+        Several changes to a binding in one turn write its latest state.
+        """
+        b = binding(1)
+        self.store.put(b)
+        b.cseq = 9
+        self.store.put(b)
+        self.store.commit()
+        [row] = list(self.reopen().load(0.0))
+        self.assertEqual(row.cseq, 9)
+
+    def test_delete(self) -> None:
+        """
+        A deleted binding's row goes; a put after a delete wins.
+        """
+        a, b = binding(1), binding(2)
+        for x in (a, b):
+            self.store.put(x)
+        self.store.commit()
+        self.store.delete(a)
+        self.store.delete(b)
+        self.store.put(b)
+        self.store.commit()
+        self.assertEqual([r.aor for r in self.reopen().load(0.0)], [b.aor])
+
+    def test_expiredDroppedOnLoad(self) -> None:
+        """
+        Loading drops rows that expired meanwhile, from the file too.
+        """
+        self.store.put(binding(1, expiresAt=50.0))
+        self.store.put(binding(2, expiresAt=150.0))
+        self.store.commit()
+        self.assertEqual([r.aor for r in self.store.load(100.0)], ["sip:2@example.com"])
+        self.assertEqual(self.store.count(), 1)
+
+    def test_order(self) -> None:
+        """
+        Bindings load in the order they were first stored.
+        """
+        for n in (5, 3, 9):
+            self.store.put(binding(n))
+            self.store.commit()
+        self.store.put(binding(3))
+        self.store.commit()
+        self.assertEqual([r.cseq for r in self.reopen().load(0.0)], [6, 4, 10])
+
+    def test_schemaVersion(self) -> None:
+        """
+        The schema version is recorded; a newer one is refused by name.
+        """
+        self.store.close()
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        error = self.assertRaises(StoreError, SQLiteStore, self.path)
+        self.assertIn(self.path, str(error))
+        self.assertIn("newer", str(error))
+        self.store = SQLiteStore(self.mktemp())
+
+    def test_corrupt(self) -> None:
+        """
+        A file that is not a database is an error naming the file.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"\x00garbage" * 1000)
+        error = self.assertRaises(StoreError, SQLiteStore, path.path)
+        self.assertEqual(
+            str(error), f"cannot use binding database {path.path}: file is not a database"
+        )
+
+    def test_unwritable(self) -> None:
+        """
+        A path in a missing folder is an error naming the file.
+        """
+        error = self.assertRaises(StoreError, SQLiteStore, "/nonexistent/dir/natkeep.sqlite")
+        self.assertIn("/nonexistent/dir/natkeep.sqlite", str(error))
+
+    def test_failedCommitKeepsWrites(self) -> None:
+        """
+        A commit that fails rolls back and keeps its writes for the next.
+        """
+        self.store.put(binding(1))
+        self.store._db.execute("DROP TABLE bindings")
+        self.assertRaises(sqlite3.Error, self.store.commit)
+        self.assertTrue(self.store.pending())
+        self.store = SQLiteStore(self.mktemp())
+
+    def test_noUnboundedGrowth(self) -> None:
+        """
+        Churn (register, unregister, expire) does not grow the file: freed
+        pages are reused.
+        """
+
+        def churn(base: int) -> None:
+            for n in range(base, base + 2000):
+                self.store.put(binding(n))
+            self.store.commit()
+            for n in range(base, base + 2000):
+                self.store.delete(binding(n))
+            self.store.commit()
+
+        churn(0)
+        self.store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = FilePath(self.path).getsize()
+        for round in range(1, 11):
+            churn(round * 2000)
+        self.store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.assertEqual(self.store.count(), 0)
+        # Ten times the churn; growth would be tenfold, reuse keeps it flat
+        # but for a little index fragmentation.
+        self.assertLess(FilePath(self.path).getsize(), size * 1.25)
+
+    def test_storedCount(self) -> None:
+        """
+        L{storedCount} counts live (NATed) rows without creating a file.
+        """
+        self.store.put(binding(1, nat=True))
+        self.store.put(binding(2, nat=False))
+        self.store.put(binding(3, expiresAt=10.0))
+        self.store.commit()
+        self.assertEqual(storedCount(self.path, 100.0, natOnly=False), 2)
+        self.assertEqual(storedCount(self.path, 100.0, natOnly=True), 1)
+        missing = self.mktemp()
+        self.assertIsNone(storedCount(missing, 0.0, natOnly=True))
+        self.assertFalse(FilePath(missing).exists())
+
+
+class RestoreTests(SynchronousTestCase):
+    """
+    On start, stored bindings come back into the table.
+    """
+
+    def test_restore(self) -> None:
+        """
+        Unexpired bindings return with their flags on the listener of their
+        address; bindings of an address no longer listened on are skipped
+        and stay stored.
+        """
+        store = MemoryStore()
+        here, gone = FakeListener("127.0.0.1:5060"), FakeListener("127.0.0.1:6000")
+        kept, expired, orphan = (
+            binding(1, listener=here),
+            binding(2, 50.0, listener=here),
+            binding(3, listener=gone),
+        )
+        for b in (kept, expired, orphan):
+            store.put(b)
+        store.commit()
+        table = BindingTable(removed=store.delete)
+        listeners = ListenerService(None, (), None)  # type: ignore[arg-type]
+        listeners.listeners["127.0.0.1:5060"] = here  # type: ignore[assignment]
+        clock = Clock()
+        clock.advance(100)
+        RestoreService(store, table, listeners, clock).startService()  # type: ignore[arg-type]
+        [restored] = table.lookup(kept.aor)
+        self.assertIs(restored.listener, here)
+        self.assertEqual(
+            (restored.source, restored.nat, restored.expiresAt, restored.callId, restored.cseq),
+            (kept.source, True, 500.0, "call-1", 2),
+        )
+        self.assertEqual(table.lookup(expired.aor), [])
+        self.assertEqual(table.lookup(orphan.aor), [])
+        self.assertIn((orphan.aor, orphan.uri), store.rows)
+        self.assertFalse(store.pending())
