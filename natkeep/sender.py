@@ -155,7 +155,8 @@ class HeartbeatSender(Service):
         self._batchLoop = None
         report, cycle = self.current, self._cycle
         self.current = self._cycle = None
-        if report is None or cycle is None:
+        if report is None or cycle is None or report.duration is not None:
+            # Nothing under way, or a finished cycle, reported when it ended.
             return
         report.missed = cycle.unreached()
         self._report(report)
@@ -211,9 +212,10 @@ class HeartbeatSender(Service):
             self._batchLoop.stop()
 
     def _finish(self, report: CycleReport) -> None:
+        self._stopBatches()
         if report.duration is None:
             report.duration = self.clock.seconds() - report.started
-        self._stopBatches()
+            self._report(report)
 
     def _send(self, batch: Sequence[Binding], report: CycleReport) -> None:
         now = self.clock.seconds()

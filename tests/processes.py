@@ -100,6 +100,20 @@ class NatkeepProcess:
                     pass
         raise RuntimeError(f"natkeep did not answer within {timeout} s:\n{self.log()}")
 
+    def waitLog(self, text: str, timeout: float = 20.0) -> None:
+        """
+        Wait until the log holds C{text} (for a process whose sockets the
+        test cannot reach, inside a network namespace).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"natkeep exited early:\n{self.output()}{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"natkeep did not log {text!r} within {timeout} s:\n{self.log()}")
+
     def log(self) -> str:
         try:
             with open(self.logPath, encoding="utf-8", errors="replace") as f:
