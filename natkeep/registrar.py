@@ -40,6 +40,7 @@ from natkeep.sip import (
     parseVia,
     renderResponse,
     splitCommas,
+    splitValues,
 )
 
 log = Logger()
@@ -50,6 +51,11 @@ ALLOW = "REGISTER, OPTIONS"
 DEFAULT_EXPIRES = 3600
 
 SERVER = f"natkeep/{__version__}"
+
+#: Headers a response copies from its request, in order.
+_COPIED = (("from", "From"), ("to", "To"), ("call-id", "Call-ID"), ("cseq", "CSeq"))
+
+_SENT_KEYS: dict[int, str] = {}
 
 
 class _Unanswerable(Exception):
@@ -102,11 +108,14 @@ class Registrar:
         Never raises for anything a datagram can hold.
         """
         self.stats["datagrams"] += 1
-        if not data.strip(b"\r\n\t "):
+        # A SIP message starts with a letter; only then is it worth asking
+        # whether this is a keep-alive or STUN.
+        first = data[:1]
+        if first in b"\r\n\t " and not data.strip(b"\r\n\t "):
             # RFC 5626 CRLF keep-alive (or an empty datagram): nothing to say.
             self.stats["keepalives"] += 1
             return
-        if stun.looksLikeSTUN(data):
+        if first < b"@" and stun.looksLikeSTUN(data):
             answer = stun.bindingResponse(data, source[0], source[1])
             if answer is None:
                 self._drop("stun-malformed", source, "malformed STUN message")
@@ -262,8 +271,12 @@ class Registrar:
         if not contactValues:
             self._registered(request, via, aor, source, listener, now)
             return
-        contacts = [parseNameAddr(value) for value in splitCommas(contactValues)]
-        if any(contact.uri == "*" for contact in contacts):
+        contacts = [parseNameAddr(value) for value in splitValues(contactValues)]
+        wildcard = False
+        for contact in contacts:
+            if contact.uri == "*":
+                wildcard = True
+        if wildcard:
             if len(contacts) != 1 or expiresHeader is None or defaultExpires != 0:
                 raise SIPError("Invalid Wildcard Contact")
             self._removeAll(aor, callId, cseq)
@@ -391,8 +404,11 @@ class Registrar:
         values = request.headers.get("via")
         if not values:
             raise _Unanswerable("no Via header")
+        value = values[0]
+        if "," in value:
+            value = next(splitCommas([value]))
         try:
-            return parseVia(next(iter(splitCommas(values[:1]))))
+            return parseVia(value)
         except SIPError as e:
             raise _Unanswerable(e.reason)
 
@@ -416,33 +432,34 @@ class Registrar:
             params = [(k, v) for k, v in params if k != "received"]
             params.append(("received", host))
         top = Via(via.protocol, via.host, via.port, params)
-        vias = list(splitCommas(request.headers["via"]))
+        fields = request.headers
         headers = [("Via", top.render())]
-        headers.extend(("Via", value) for value in vias[1:])
-        for name, title in (("from", "From"), ("to", "To"), ("call-id", "Call-ID")):
-            value = request.header(name)
-            if value is None:
-                continue
-            if name == "to" and code > 100:
-                value = self._tagged(value, request)
-            headers.append((title, value))
-        cseq = request.header("cseq")
-        if cseq is not None:
-            headers.append(("CSeq", cseq))
+        vias = splitValues(fields["via"])
+        if len(vias) > 1:
+            headers.extend([("Via", value) for value in vias[1:]])
+        for name, title in _COPIED:
+            values = fields.get(name)
+            if values:
+                value = values[0]
+                if name == "to":
+                    value = self._tagged(value, request)
+                headers.append((title, value))
         headers.extend(extra)
         headers.append(("Server", SERVER))
-        self.stats[f"responses.sent.{code}"] += 1
+        key = _SENT_KEYS.get(code)
+        if key is None:
+            key = _SENT_KEYS[code] = f"responses.sent.{code}"
+        self.stats[key] += 1
         self._send(listener, renderResponse(code, reason, headers), source)
 
     def _tagged(self, to: str, request: Request) -> str:
-        try:
-            if parseNameAddr(to).param("tag") is not None:
-                return to
-        except SIPError:
+        # Header parameters follow the closing bracket (or the whole value
+        # in the addr-spec form, whose URI cannot hold ';').
+        if ";tag=" in to.rpartition(">")[2].lower().replace(" ", ""):
             return to
         # Deterministic, so a retransmission gets the same tag.
         seed = f"{request.header('call-id')}|{request.header('cseq')}"
-        return f"{to};tag={zlib.crc32(seed.encode('utf-8')):08x}"
+        return f"{to};tag={zlib.crc32(seed.encode()):08x}"
 
     def _httpDate(self, now: float) -> str:
         second = int(now)
@@ -534,8 +551,9 @@ class RegistrarProtocol(DatagramProtocol):
         return self._write(data, address)
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        # Twisted hands IPv6 sources as (host, port) already.
         try:
-            self.registrar.datagramReceived(data, addr[:2], self)
+            self.registrar.datagramReceived(data, addr, self)
         except Exception:
             # A bug must cost one datagram, not the service.
             self.registrar.stats["internal.errors"] += 1

@@ -5,6 +5,7 @@ binding table and its expiry sweep, the store and the heartbeat sender.
 
 from __future__ import annotations
 
+import gc
 import socket
 from collections import Counter
 from typing import Any, Optional
@@ -19,17 +20,25 @@ from natkeep.config import ConfigError, Settings, parseListenAddress, sanityWarn
 from natkeep.interfaces import IBindingStore, IExpiryPolicy, IPacer, IPayload
 from natkeep.registrar import Registrar, RegistrarProtocol
 from natkeep.sender import HeartbeatSender
+from natkeep.sip import MAX_MESSAGE_SIZE
 from natkeep.store import SQLiteStore, StoreError
 from natkeep.strategies import makeStrategy
 
 log = Logger()
 
-#: Datagrams up to the UDP maximum are read whole, so that an oversized one
-#: is recognised as such rather than truncated into something else.
-MAX_DATAGRAM = 65535
+#: One byte more than the largest message we parse: a longer datagram is
+#: read truncated but still recognised as too large, and each read does not
+#: have to allocate the 64 KiB a whole UDP datagram could need.
+MAX_DATAGRAM = MAX_MESSAGE_SIZE + 1
 
 #: Socket buffers asked for; the kernel caps them at its rmem_max/wmem_max.
 SOCKET_BUFFER = 4 * 1024 * 1024
+
+#: Cyclic garbage collection thresholds.  Bindings are long-lived and form
+#: no garbage cycles, yet a full collection walks every one of them: with
+#: the default thresholds that costs REGISTER throughput and, with a million
+#: bindings, pauses long enough to disturb the heartbeat schedule.
+GC_THRESHOLDS = (50_000, 50, 100)
 
 #: How often expired bindings are swept out.  Heartbeats stop at expiry
 #: whatever this is; it bounds how long a dead binding holds memory.
@@ -83,14 +92,26 @@ class ListenerService(Service):
 
 
 def _tuneSocket(port: Any) -> None:
+    """
+    Ask for large socket buffers, so that REGISTER bursts and heartbeat
+    batches are not dropped by the kernel.  With CAP_NET_ADMIN (root) the
+    FORCE options pass net.core.rmem_max/wmem_max; otherwise those cap it.
+    """
     sock = getattr(port, "socket", None)
     if sock is None:
         return
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        except OSError:
-            pass
+    for force, plain in (
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+    ):
+        for option in (force, plain):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
 
 
 class SweepService(Service):
@@ -170,6 +191,10 @@ class RestoreService(Service):
                 )
             )
             restored += 1
+        # What was just restored lives as long as the process: keep the
+        # collector from walking it again and again.
+        gc.collect()
+        gc.freeze()
         for address, count in orphans.items():
             log.warn(
                 "Skipped {count} stored bindings of {address}, which natkeep no "
@@ -239,6 +264,7 @@ class NatkeepService(MultiService):
         self.sender.setServiceParent(self)
 
     def startService(self) -> None:
+        gc.set_threshold(*GC_THRESHOLDS)
         for warning in sanityWarnings(self.settings):
             log.warn("{warning}", warning=warning)
         log.info(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Iterator, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import attrs
 
@@ -51,6 +51,11 @@ MAX_CSEQ = 2**31 - 1
 _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 
 _STATUS_LINE_PREFIX = "SIP/2.0 "
+
+#: Header names as written mapped to their canonical form; phones repeat
+#: the same few spellings, so this saves a strip and lower per line.
+_CANONICAL: dict[str, str] = {}
+_CANONICAL_LIMIT = 4096
 
 
 class SIPError(Exception):
@@ -138,32 +143,46 @@ def parseMessage(data: bytes) -> Message:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise SIPError("Header Not UTF-8")
-    lines = text.split("\n")
+    if "\r\n" in text:
+        lines = text.split("\r\n")
+        # A stray bare LF inside CRLF-ended lines still ends a line.
+        if "\n" in text.replace("\r\n", ""):
+            lines = [line.rstrip("\r") for line in text.split("\n")]
+    else:
+        lines = text.split("\n")
     if len(lines) > MAX_HEADER_LINES:
         raise SIPError("Too Many Header Lines", 513)
-    first = lines[0].rstrip("\r")
+    first = lines[0]
     headers: dict[str, list[str]] = {}
     current: Optional[list[str]] = None
+    canonical = _CANONICAL
     for line in lines[1:]:
-        if line[-1:] == "\r":
-            line = line[:-1]
-        if line[:1] in (" ", "\t"):
+        if not line:
+            raise SIPError("Malformed Header Line")
+        if line[0] in " \t":
             # RFC 3261 §7.3.1 line folding: continue the previous value.
             if current is None:
                 raise SIPError("Malformed Header Folding")
             current[-1] = current[-1] + " " + line.strip()
             continue
-        name, sep, value = line.partition(":")
+        raw, sep, value = line.partition(":")
         if not sep:
             raise SIPError("Malformed Header Line")
-        name = name.strip().lower()
-        if not name:
-            raise SIPError("Malformed Header Line")
-        name = COMPACT_FORMS.get(name, name)
-        current = headers.get(name)
-        if current is None:
-            current = headers[name] = []
-        current.append(value.strip())
+        try:
+            name = canonical[raw]
+        except KeyError:
+            name = raw.strip().lower()
+            if not name:
+                raise SIPError("Malformed Header Line")
+            name = COMPACT_FORMS.get(name, name)
+            if len(canonical) < _CANONICAL_LIMIT:
+                canonical[raw] = name
+        value = value.strip()
+        if name in headers:
+            current = headers[name]
+            current.append(value)
+        else:
+            current = headers[name] = [value]
     message: Message
     if first.startswith(_STATUS_LINE_PREFIX):
         parts = first.split(" ", 2)
@@ -240,18 +259,29 @@ def splitCommas(values: list[str]) -> Iterator[str]:
         yield value[start:].strip()
 
 
+def splitValues(values: list[str]) -> list[str]:
+    """
+    L{splitCommas} as a list, without its cost in the common case of one
+    value holding no comma.
+    """
+    if len(values) == 1 and "," not in values[0]:
+        return values
+    return list(splitCommas(values))
+
+
 def parseParams(text: str) -> list[tuple[str, Optional[str]]]:
     """
     Parse C{;name=value;flag} parameters (the leading C{;} already removed).
     Names are lower-cased; values are kept as written.
     """
     params: list[tuple[str, Optional[str]]] = []
+    if not text:
+        return params
     for part in text.split(";"):
-        part = part.strip()
-        if not part:
-            continue
         name, sep, value = part.partition("=")
-        params.append((name.strip().lower(), value.strip() if sep else None))
+        name = name.strip()
+        if name:
+            params.append((name.lower(), value.strip() if sep else None))
     return params
 
 
@@ -261,6 +291,18 @@ def splitHostPort(text: str) -> tuple[str, Optional[int]]:
 
     @raise ValueError: on a malformed host or port.
     """
+    if "[" not in text:
+        host, sep, portText = text.partition(":")
+        if not sep:
+            if not host:
+                raise ValueError("empty host")
+            return host, None
+        if not host or not portText.isdigit():
+            raise ValueError("bad host or port")
+        port = int(portText)
+        if not 0 < port < 65536:
+            raise ValueError("bad port")
+        return host, port
     if text.startswith("["):
         close = text.find("]")
         if close < 0:
@@ -304,7 +346,10 @@ class Via:
         return None
 
     def hasParam(self, name: str) -> bool:
-        return any(key == name for key, _ in self.params)
+        for key, _ in self.params:
+            if key == name:
+                return True
+        return False
 
     def render(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -333,8 +378,7 @@ def parseVia(value: str) -> Via:
     return Via(protocol, host, port, parseParams(paramText))
 
 
-@attrs.frozen
-class URI:
+class URI(NamedTuple):
     """
     The parts of a SIP URI that a registrar needs (RFC 3261 §19.1).
 
@@ -387,8 +431,7 @@ def parseURI(text: str) -> URI:
     return URI(text, scheme, user, host, port)
 
 
-@attrs.frozen
-class NameAddr:
+class NameAddr(NamedTuple):
     """
     A From, To or Contact field value: an optional display name, a URI and
     header parameters.
@@ -510,12 +553,9 @@ def renderResponse(
     Render a response from ordered C{(name, value)} header pairs; the
     Content-Length is added here.
     """
-    lines = [f"SIP/2.0 {code} {reason}"]
-    lines.extend(f"{name}: {value}" for name, value in headers)
-    lines.append(f"Content-Length: {len(body)}")
-    lines.append("")
-    lines.append("")
-    return "\r\n".join(lines).encode("utf-8") + body
+    text = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    head = f"SIP/2.0 {code} {reason}\r\n{text}Content-Length: {len(body)}\r\n\r\n"
+    return head.encode("utf-8") + body
 
 
 def renderRequest(

@@ -70,8 +70,11 @@ class NatLab:
             self.run("ip", "link", "set", "lo", "up", ns=ns)
         sr, sp, rd = self._links
         # server <-> router, server <-> public, router <-> device
-        for name, a, b in ((sr, self.server, self.router), (sp, self.server, self.public),
-                           (rd, self.router, self.device)):
+        for name, a, b in (
+            (sr, self.server, self.router),
+            (sp, self.server, self.public),
+            (rd, self.router, self.device),
+        ):
             self.run("ip", "link", "add", f"{name}x", "type", "veth", "peer", "name", f"{name}y")
             self.run("ip", "link", "set", f"{name}x", "netns", a)
             self.run("ip", "link", "set", f"{name}y", "netns", b)
@@ -103,8 +106,14 @@ table ip natlab {{
     }}
 }}
 """
-        subprocess.run(["ip", "netns", "exec", r, "nft", "-f", "-"], input=rules, text=True,
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["ip", "netns", "exec", r, "nft", "-f", "-"],
+            input=rules,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
             self.run("sysctl", "-qw", f"net.netfilter.{key}={self.udpTimeout}", ns=r)
         d = self.device
@@ -115,8 +124,9 @@ table ip natlab {{
     def destroy(self) -> None:
         for ns in (self.server, self.router, self.device, self.public):
             subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                  text=True).stdout.split()
+            pids = subprocess.run(
+                ["ip", "netns", "pids", ns], capture_output=True, text=True
+            ).stdout.split()
             for pid in pids:
                 subprocess.run(["kill", "-9", pid], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -125,8 +135,12 @@ table ip natlab {{
         """
         The router's UDP conntrack entries.
         """
-        out = subprocess.run(["ip", "netns", "exec", self.router, "conntrack", "-L", "-p", "udp"],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.router, "conntrack", "-L", "-p", "udp"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         return [line for line in out.splitlines() if line.startswith("udp")]
 
     def flushMappings(self) -> None:
@@ -135,15 +149,45 @@ table ip natlab {{
         """
         self.run("conntrack", "-F", ns=self.router, check=False)
 
-    def startDevice(self, ns: str, host: str, user: str, port: int, duration: float,
-                    serverPort: int, answerOptions: bool = False) -> "Agent":
-        command = ["ip", "netns", "exec", ns, sys.executable, AGENT, "--server",
-                   f"{SERVER}:{serverPort}", "--user", user, "--host", host, "--port", str(port),
-                   "--duration", str(duration)]
+    def startDevice(
+        self,
+        ns: str,
+        host: str,
+        user: str,
+        port: int,
+        duration: float,
+        serverPort: int,
+        answerOptions: bool = False,
+    ) -> "Agent":
+        command = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            AGENT,
+            "--server",
+            f"{SERVER}:{serverPort}",
+            "--user",
+            user,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--duration",
+            str(duration),
+        ]
         if answerOptions:
             command.append("--answer-options")
-        return Agent(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      stdin=subprocess.DEVNULL, text=True))
+        return Agent(
+            subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+        )
 
 
 class Agent:
@@ -159,7 +203,9 @@ class Agent:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"device agent ended: {self.process.stderr.read() if self.process.stderr else ''}")
+            raise RuntimeError(
+                f"device agent ended: {self.process.stderr.read() if self.process.stderr else ''}"
+            )
         event = json.loads(line)
         if "registered" not in event:
             raise RuntimeError(f"device agent: {event}")

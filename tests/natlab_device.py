@@ -35,7 +35,8 @@ def register(user: str, host: str, port: int, cseq: int) -> bytes:
 def answer(data: bytes) -> bytes:
     head = data.split(b"\r\n\r\n", 1)[0].decode()
     keep = [
-        line for line in head.split("\r\n")[1:]
+        line
+        for line in head.split("\r\n")[1:]
         if line.split(":", 1)[0].strip().lower() in ("via", "from", "to", "call-id", "cseq")
     ]
     return ("\r\n".join(["SIP/2.0 200 OK", *keep, "Content-Length: 0", "", ""])).encode()
@@ -78,9 +79,16 @@ def main() -> int:
             data, source = s.recvfrom(4096)
         except socket.timeout:
             return 0
-        print(json.dumps({"t": round(time.monotonic() - registered, 3),
-                          "data": data[:40].decode("latin-1"), "from": list(source)}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "t": round(time.monotonic() - registered, 3),
+                    "data": data[:40].decode("latin-1"),
+                    "from": list(source),
+                }
+            ),
+            flush=True,
+        )
         if args.answer_options and data.startswith(b"OPTIONS "):
             s.sendto(answer(data), source)
 

@@ -35,16 +35,30 @@ class NatLabTestCase(SynchronousTestCase):
 
     def startNatkeep(self, *args: str) -> NatkeepProcess:
         process = NatkeepProcess(
-            ["--listen", f"{SERVER}:{SIP_PORT}", "--db", "natkeep.sqlite", "--send-interval",
-             "100", *args],
-            self.cwd.path, netns=self.lab.server,
+            [
+                "--listen",
+                f"{SERVER}:{SIP_PORT}",
+                "--db",
+                "natkeep.sqlite",
+                "--send-interval",
+                "100",
+                *args,
+            ],
+            self.cwd.path,
+            netns=self.lab.server,
         )
         self.addCleanup(process.stop)
         process.waitLog("Restored 0 bindings")
         return process
 
-    def device(self, user: str, duration: float, port: int = 5060, public: bool = False,
-               answerOptions: bool = False):  # type: ignore[no-untyped-def]
+    def device(
+        self,
+        user: str,
+        duration: float,
+        port: int = 5060,
+        public: bool = False,
+        answerOptions: bool = False,
+    ):  # type: ignore[no-untyped-def]
         ns, host = (self.lab.public, PUBLIC) if public else (self.lab.device, DEVICE)
         agent = self.lab.startDevice(ns, host, user, port, duration, SIP_PORT, answerOptions)
         self.addCleanup(agent.kill)
@@ -53,8 +67,10 @@ class NatLabTestCase(SynchronousTestCase):
 
     def storedBindings(self) -> dict[str, tuple[str, int, int]]:
         with sqlite3.connect(self.cwd.child("natkeep.sqlite").path) as db:
-            return {aor: (host, port, nat) for aor, host, port, nat in
-                    db.execute("SELECT aor, host, port, nat FROM bindings")}
+            return {
+                aor: (host, port, nat)
+                for aor, host, port, nat in db.execute("SELECT aor, host, port, nat FROM bindings")
+            }
 
 
 class MappingTests(NatLabTestCase):
@@ -73,7 +89,7 @@ class MappingTests(NatLabTestCase):
         times = [e["t"] for e in agent.finish() if e["data"] == "HELLO"]
         self.assertGreaterEqual(len(times), 4, times)
         self.assertLess(times[0], PERIOD + 1)
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         self.assertLess(max(gaps), PERIOD + 1, gaps)
         self.assertGreater(times[-1], 3 * NAT_TIMEOUT)
         self.assertEqual(len(self.lab.udpMappings()), 1)
@@ -142,16 +158,32 @@ class LivenessTests(NatLabTestCase):
         killed.  After two unanswered heartbeats it is removed, while the
         one whose mapping lives keeps answering and stays registered.
         """
-        self.startNatkeep("--period", str(PERIOD), "--payload", "options", "--expiry",
-                          "liveness", "--liveness-misses", "2")
+        self.startNatkeep(
+            "--period",
+            str(PERIOD),
+            "--payload",
+            "options",
+            "--expiry",
+            "liveness",
+            "--liveness-misses",
+            "2",
+        )
         talker = self.device("talker", duration=5 * PERIOD, port=5060, answerOptions=True)
         victim = self.device("victim", duration=5 * PERIOD, port=5062, answerOptions=True)
         victimPort = self.storedBindings()["sip:victim@natkeep.test"][1]
         # Wait for the first OPTIONS to reach the victim, then kill its mapping.
         assert victim.process.stdout is not None
         victim.process.stdout.readline()
-        self.lab.run("conntrack", "-D", "-p", "udp", "--orig-port-src", "5062", ns=self.lab.router,
-                     check=False)
+        self.lab.run(
+            "conntrack",
+            "-D",
+            "-p",
+            "udp",
+            "--orig-port-src",
+            "5062",
+            ns=self.lab.router,
+            check=False,
+        )
         deadline = time.monotonic() + 4 * PERIOD + 5
         while "sip:victim@natkeep.test" in self.storedBindings() and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -1,0 +1,141 @@
+"""
+Shared pieces of the benchmarks: starting natkeep as a real process pinned
+to one core, reading its CPU time and memory from /proc, and filling a store.
+Everything talks to loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def freePort() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(cpu: int) -> None:
+    """
+    Pin this process to one core, where the machine has more than one.
+    """
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+        os.sched_setaffinity(0, {cpu % os.cpu_count()})  # type: ignore[operator]
+
+
+class Natkeep:
+    """
+    C{twistd -n natkeep} in a child process pinned to core 0.
+    """
+
+    def __init__(self, workdir: str, args: Sequence[str]) -> None:
+        self.workdir = workdir
+        self.log = os.path.join(workdir, "natkeep.log")
+        command = TWISTD + ["-n", "--pidfile=", "--logfile", self.log, "natkeep", *args]
+        if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+            command = ["taskset", "-c", "0"] + command
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self.process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def waitLog(self, text: str, timeout: float) -> float:
+        """
+        Wait for C{text} in the log; return the seconds waited.
+        """
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            try:
+                with open(self.log, encoding="utf-8", errors="replace") as f:
+                    if text in f.read():
+                        return time.monotonic() - start
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"natkeep exited; see {self.log}")
+            time.sleep(0.02)
+        raise RuntimeError(f"natkeep did not log {text!r} in {timeout} s; see {self.log}")
+
+    def cpuSeconds(self) -> float:
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def rssBytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def deviceAddress(n: int) -> tuple[str, int]:
+    """
+    The loopback address of device C{n}: 127.64.0.1 upwards, one address
+    per device, all on one port where the meter listens.
+    """
+    n += 1
+    return (f"127.{64 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}", METER_PORT)
+
+
+METER_PORT = 47000
+
+
+def fillStore(path: str, count: int, listen: str, expiresIn: float = 7200) -> None:
+    """
+    Write C{count} NATed bindings, one per loopback device address, into
+    the store at C{path}, as if they had registered on C{listen}.
+    """
+    from natkeep.bindings import Binding
+    from natkeep.store import SQLiteStore
+    from natkeep.testing import FakeListener
+
+    store = SQLiteStore(path)
+    listener = FakeListener(listen)
+    expires = time.time() + expiresIn
+    for start in range(0, count, 50000):
+        for n in range(start, min(count, start + 50000)):
+            store.put(
+                Binding(
+                    f"sip:d{n}@bench.test",
+                    f"sip:d{n}@100.64.{(n >> 8) & 255}.{n & 255}:5060",
+                    "",
+                    deviceAddress(n),
+                    listener,
+                    True,
+                    expires,
+                    f"c{n}",
+                    1,
+                )
+            )
+        store.commit()
+    store.close()

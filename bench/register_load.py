@@ -1,0 +1,167 @@
+"""
+REGISTER throughput: a bounded load generator ramps REGISTERs from fresh
+devices at a real C{twistd natkeep} (store on, pinned to one core) until
+fewer than 99.9 % get 200 OK.
+
+    python bench/register_load.py [--start 4000] [--step 2000] [--max 30000] [--seconds 3]
+
+For each rate: sent, answered 200 OK, success ratio, p50/p99 latency, and
+natkeep's CPU microseconds per REGISTER (from /proc).  Prints text and one
+JSON line.  Traffic goes to 127.0.0.1 only; every loop is bounded in count
+and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Natkeep, freePort, pin  # noqa: E402
+
+
+def registerBytes(user: str, port: int) -> bytes:
+    return (
+        f"REGISTER sip:bench.test SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 100.64.0.9:5060;branch=z9hG4bK{user};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:{user}@bench.test>;tag={user}\r\n"
+        f"To: <sip:{user}@bench.test>\r\n"
+        f"Call-ID: {user}\r\n"
+        "CSeq: 1 REGISTER\r\n"
+        f"Contact: <sip:{user}@100.64.0.9:5060>\r\n"
+        "Expires: 300\r\n"
+        "User-Agent: natkeep-bench\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def step(
+    server: tuple[str, int], rate: int, seconds: float, tag: str, natkeep: Natkeep
+) -> dict[str, float]:
+    count = int(rate * seconds)
+    datagrams = [registerBytes(f"{tag}x{n}", server[1]) for n in range(count)]
+    sentAt: dict[bytes, float] = {}
+    latencies: list[float] = []
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (getattr(socket, "SO_RCVBUFFORCE", socket.SO_RCVBUF), socket.SO_RCVBUF):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, option, 16 << 20)
+            break
+        except OSError:
+            continue
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    ok = 0
+
+    def drain() -> None:
+        nonlocal ok
+        while True:
+            try:
+                data = s.recv(4096)
+            except BlockingIOError:
+                return
+            if data.startswith(b"SIP/2.0 200"):
+                start = data.find(b"\r\nCall-ID: ") + 11
+                callId = data[start : data.find(b"\r\n", start)]
+                sent = sentAt.pop(callId, None)
+                if sent is not None:
+                    ok += 1
+                    latencies.append(time.monotonic() - sent)
+
+    cpuBefore = natkeep.cpuSeconds()
+    began = time.monotonic()
+    index = 0
+    while index < count:
+        due = min(count, int((time.monotonic() - began) * rate) + 1)
+        while index < due:
+            data = datagrams[index]
+            start = data.find(b"Call-ID: ") + 9
+            sentAt[data[start : data.find(b"\r\n", start)]] = time.monotonic()
+            try:
+                s.sendto(data, server)
+            except BlockingIOError:
+                pass
+            index += 1
+        drain()
+        if time.monotonic() - began > seconds * 3:
+            break
+    deadline = time.monotonic() + 2.0
+    while sentAt and time.monotonic() < deadline:
+        drain()
+        time.sleep(0.001)
+    elapsed = time.monotonic() - began
+    cpu = natkeep.cpuSeconds() - cpuBefore
+    s.close()
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return (
+            latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0.0
+        )
+
+    return {
+        "rate": rate,
+        "sent": index,
+        "ok": ok,
+        "success": ok / max(index, 1),
+        "achieved_per_s": index / max(elapsed - 2.0, seconds) if index else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "cpu_us_per_register": cpu / max(ok, 1) * 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--start", type=int, default=4000)
+    parser.add_argument("--step", type=int, default=2000)
+    parser.add_argument("--max", type=int, default=30000)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    maximum = min(args.max, 50000)
+    seconds = min(args.seconds, 10.0)
+    pin(1)
+    workdir = tempfile.mkdtemp(prefix="natkeep-bench-")
+    port = freePort()
+    natkeep = Natkeep(
+        workdir, ["--listen", f"127.0.0.1:{port}", "--db", "natkeep.sqlite", "--period", "30"]
+    )
+    results = []
+    best = None
+    try:
+        natkeep.waitLog("Restored", 30)
+        rate = args.start
+        while rate <= maximum:
+            result = step(("127.0.0.1", port), rate, seconds, f"r{rate}", natkeep)
+            results.append(result)
+            print(
+                f"rate {rate:6d}/s: {result['ok']:6d}/{result['sent']:6d} ok "
+                f"({result['success'] * 100:6.2f} %), p50 {result['p50_ms']:6.2f} ms, "
+                f"p99 {result['p99_ms']:7.2f} ms, {result['cpu_us_per_register']:6.1f} CPU us/REGISTER",
+                flush=True,
+            )
+            if result["success"] < 0.999:
+                break
+            best = result
+            rate += args.step
+            time.sleep(1.0)
+    finally:
+        natkeep.stop()
+    if best:
+        print(
+            f"highest sustained rate with >= 99.9 % 200 OK: {best['rate']} REGISTER/s "
+            f"(p50 {best['p50_ms']:.2f} ms, p99 {best['p99_ms']:.2f} ms, "
+            f"{best['cpu_us_per_register']:.1f} CPU us per REGISTER)"
+        )
+    print(json.dumps({"benchmark": "register_load", "best": best, "steps": results}))
+
+
+if __name__ == "__main__":
+    main()
