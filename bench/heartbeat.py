@@ -1,0 +1,242 @@
+"""
+Heartbeat cost: N NATed bindings (one loopback address each, 127.64.0.1
+upwards, port 47000) restored into a real C{twistd natkeep} pinned to one
+core, PERIOD 10 s, measured over a window by a meter process that receives
+every heartbeat:
+
+- heartbeats/s, and natkeep's CPU microseconds per heartbeat (/proc);
+- the largest gap between two heartbeats to one device;
+- the fraction of devices reached in every period of the window;
+- beside it, in the same run, a bare Python loop calling socket.sendto on
+  the same destinations: the floor for a Python sender.
+
+    python bench/heartbeat.py --devices 10000 [--window 60]
+
+Prints text and one JSON line.  Everything goes to 127.0.0.0/8; the loops
+are bounded by the device count and the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import METER_PORT, Natkeep, deviceAddress, fillStore, freePort, pin  # noqa: E402
+
+PERIOD = 10
+
+#: Linux's IP_PKTINFO, which Python 3.11's socket module does not export.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
+def meter(devices: int, start: float, end: float, period: float, out: str) -> None:
+    """
+    Receive heartbeats until C{end} (monotonic); write per-window figures.
+    """
+    pin(1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (getattr(socket, "SO_RCVBUFFORCE", socket.SO_RCVBUF), socket.SO_RCVBUF):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, option, 256 << 20)
+            break
+        except OSError:
+            continue
+    s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    s.bind(("0.0.0.0", METER_PORT))
+    with open(out + ".ready", "w"):
+        pass
+    last = [-1.0] * devices
+    maxGap = [0.0] * devices
+    counts = [0] * devices
+    received = floor = 0
+    cmsgSpace = socket.CMSG_SPACE(12)
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        s.settimeout(left)
+        try:
+            data, ancillary, _, _ = s.recvmsg(64, cmsgSpace)
+        except socket.timeout:
+            break
+        now = time.monotonic()
+        if data != b"HELLO":
+            floor += 1
+            continue
+        for level, kind, value in ancillary:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                a, b, c, d = value[8:12]
+                n = (((b - 64) << 16) | (c << 8) | d) - 1
+                break
+        else:
+            continue
+        if not 0 <= n < devices:
+            continue
+        previous = last[n]
+        last[n] = now
+        if now < start:
+            continue
+        received += 1
+        counts[n] += 1
+        gap = now - (previous if previous >= start else start)
+        if gap > maxGap[n]:
+            maxGap[n] = gap
+    # The stretch from the last heartbeat to the end of the window counts too.
+    for n in range(devices):
+        tail = end - max(last[n], start)
+        if tail > maxGap[n]:
+            maxGap[n] = tail
+    window = end - start
+    reachedEvery = sum(1 for gap in maxGap if gap <= period * 1.05)
+    with open(out, "w") as f:
+        json.dump(
+            {
+                "received": received,
+                "window": window,
+                "per_s": received / window,
+                "max_gap_s": max(maxGap),
+                "max_gap_ratio": max(maxGap) / period,
+                "reached_every_period": reachedEvery / devices,
+                "never_reached": sum(1 for c in counts if c == 0),
+                "floor_datagrams": floor,
+            },
+            f,
+        )
+
+
+def bareLoopFloor(devices: int, passes: int) -> float:
+    """
+    CPU microseconds per datagram of a bare Python sendto loop.
+    """
+    pin(0)
+    addresses = [deviceAddress(n) for n in range(devices)]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    sent = 0
+    start = time.process_time()
+    for _ in range(passes):
+        for address in addresses:
+            try:
+                s.sendto(b"FLOOR", address)
+                sent += 1
+            except OSError:
+                pass
+    elapsed = time.process_time() - start
+    s.close()
+    return elapsed / max(sent, 1) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=10000)
+    parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument(
+        "--meter", nargs=4, metavar=("START", "END", "PERIOD", "OUT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    devices = max(1, min(args.devices, 1_000_000))
+    if args.meter:
+        start, end, period, out = args.meter
+        meter(devices, float(start), float(end), float(period), out)
+        return
+    window = max(PERIOD * 2, min(args.window, 600.0))
+    workdir = tempfile.mkdtemp(prefix="natkeep-bench-")
+    port = freePort()
+    listen = f"127.0.0.1:{port}"
+    fillStore(os.path.join(workdir, "natkeep.sqlite"), devices, listen)
+    batches = 20
+    oneTime = max(1, math.ceil(devices * 1.25 / batches))
+    warmup = 5 + devices / 50000 + PERIOD
+    began = time.monotonic()
+    # Start and end are fixed ahead; natkeep must be flowing by then.
+    start = began + warmup + 3
+    end = start + window
+    report = os.path.join(workdir, "meter.json")
+    meterProcess = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--devices",
+            str(devices),
+            "--meter",
+            str(start),
+            str(end),
+            str(PERIOD),
+            report,
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not os.path.exists(report + ".ready"):
+        if meterProcess.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the meter did not start")
+        time.sleep(0.01)
+    floor = bareLoopFloor(devices, passes=max(1, 300000 // devices))
+    natkeep = Natkeep(
+        workdir,
+        [
+            "--listen",
+            listen,
+            "--db",
+            "natkeep.sqlite",
+            "--period",
+            str(PERIOD),
+            "--send-interval",
+            str(PERIOD * 1000 // batches),
+            "--send-one-time",
+            str(oneTime),
+            "--endpoint-nat-expire",
+            "3600",
+        ],
+    )
+    try:
+        natkeep.waitLog("Restored", 120)
+        while time.monotonic() < start:
+            time.sleep(0.01)
+        cpuBefore = natkeep.cpuSeconds()
+        rss = natkeep.rssBytes()
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        cpu = natkeep.cpuSeconds() - cpuBefore
+    finally:
+        meterProcess.wait(window + 60)
+        natkeep.stop()
+    with open(report) as f:
+        figures = json.load(f)
+    figures.update(
+        {
+            "devices": devices,
+            "period_s": PERIOD,
+            "send_interval_ms": PERIOD * 1000 // batches,
+            "send_one_time": oneTime,
+            "natkeep_cpu_s": cpu,
+            "natkeep_cpu_us_per_heartbeat": cpu / max(figures["received"], 1) * 1e6,
+            "bare_loop_cpu_us_per_datagram": floor,
+            "natkeep_rss_bytes": rss,
+        }
+    )
+    figures["ratio_to_bare_loop"] = figures["natkeep_cpu_us_per_heartbeat"] / floor
+    print(f"devices {devices}, PERIOD {PERIOD} s, window {window:.0f} s")
+    print(f"  heartbeats/s                 {figures['per_s']:.0f}")
+    print(f"  natkeep CPU per heartbeat    {figures['natkeep_cpu_us_per_heartbeat']:.2f} us")
+    print(f"  bare sendto loop (floor)     {floor:.2f} us per datagram")
+    print(f"  ratio to floor               {figures['ratio_to_bare_loop']:.2f}")
+    print(
+        f"  max gap to one device        {figures['max_gap_s']:.3f} s "
+        f"({figures['max_gap_ratio']:.3f} x PERIOD)"
+    )
+    print(f"  reached every period         {figures['reached_every_period'] * 100:.2f} %")
+    print(json.dumps({"benchmark": "heartbeat", **figures}))
+
+
+if __name__ == "__main__":
+    main()
