@@ -24,6 +24,23 @@ TWISTD = [
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+#: Linux's SO_RCVBUFFORCE (not exported by Python's socket module): as root
+#: it passes net.core.rmem_max, so a meter can queue whole bursts.
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def bigReceiveBuffer(s: socket.socket, size: int) -> None:
+    """
+    Give C{s} a receive buffer of C{size} bytes, past rmem_max when root.
+    """
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            continue
+
+
 def freePort() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

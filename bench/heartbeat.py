@@ -30,12 +30,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import METER_PORT, Natkeep, deviceAddress, fillStore, freePort, pin  # noqa: E402
+from common import METER_PORT, Natkeep, bigReceiveBuffer, deviceAddress, fillStore, freePort, pin  # noqa: E402
 
 PERIOD = 10
 
 #: Linux's IP_PKTINFO, which Python 3.11's socket module does not export.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
+def socketDrops(port: int) -> int:
+    """
+    Datagrams the kernel dropped for the UDP socket bound to C{port}.
+    """
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port:
+                return int(fields[-1])
+    return -1
 
 
 def meter(devices: int, start: float, end: float, period: float, out: str) -> None:
@@ -44,17 +56,13 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
     """
     pin(1)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for option in (getattr(socket, "SO_RCVBUFFORCE", socket.SO_RCVBUF), socket.SO_RCVBUF):
-        try:
-            s.setsockopt(socket.SOL_SOCKET, option, 256 << 20)
-            break
-        except OSError:
-            continue
+    bigReceiveBuffer(s, 256 << 20)
     s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     s.bind(("0.0.0.0", METER_PORT))
     with open(out + ".ready", "w"):
         pass
     last = [-1.0] * devices
+    firstAt = [0.0] * devices
     maxGap = [0.0] * devices
     counts = [0] * devices
     received = floor = 0
@@ -86,6 +94,8 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
         if now < start:
             continue
         received += 1
+        if not counts[n]:
+            firstAt[n] = now
         counts[n] += 1
         gap = now - (previous if previous >= start else start)
         if gap > maxGap[n]:
@@ -108,6 +118,9 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
                 "reached_every_period": reachedEvery / devices,
                 "never_reached": sum(1 for c in counts if c == 0),
                 "floor_datagrams": floor,
+                "meter_drops": socketDrops(METER_PORT),
+                "first_heartbeat_at": min((t for t in firstAt if t), default=None),
+                "all_reached_at": max(firstAt) if all(counts) else None,
             },
             f,
         )

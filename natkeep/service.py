@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import sys
 from collections import Counter
 from typing import Any, Optional
 
@@ -39,6 +40,11 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 #: the default thresholds that costs REGISTER throughput and, with a million
 #: bindings, pauses long enough to disturb the heartbeat schedule.
 GC_THRESHOLDS = (50_000, 50, 100)
+
+#: Linux's SO_SNDBUFFORCE and SO_RCVBUFFORCE, which Python's socket module
+#: does not export; with CAP_NET_ADMIN they pass net.core.*mem_max.
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32 if sys.platform.startswith("linux") else None)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
 
 #: How often expired bindings are swept out.  Heartbeats stop at expiry
 #: whatever this is; it bounds how long a dead binding holds memory.
@@ -101,8 +107,8 @@ def _tuneSocket(port: Any) -> None:
     if sock is None:
         return
     for force, plain in (
-        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+        (SO_RCVBUFFORCE, socket.SO_RCVBUF),
     ):
         for option in (force, plain):
             if option is None:
