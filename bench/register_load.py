@@ -124,15 +124,16 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=2000)
     parser.add_argument("--max", type=int, default=30000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--db", default="natkeep.sqlite", help="the store file; :memory: for no disk store"
+    )
     args = parser.parse_args()
     maximum = min(args.max, 50000)
     seconds = min(args.seconds, 10.0)
     pin(1)
     workdir = tempfile.mkdtemp(prefix="natkeep-bench-")
     port = freePort()
-    natkeep = Natkeep(
-        workdir, ["--listen", f"127.0.0.1:{port}", "--db", "natkeep.sqlite", "--period", "30"]
-    )
+    natkeep = Natkeep(workdir, ["--listen", f"127.0.0.1:{port}", "--db", args.db, "--period", "30"])
     results = []
     best = None
     try:

@@ -268,6 +268,16 @@ class NatkeepService(MultiService):
             stats=self.stats,
         )
         self.sender.setServiceParent(self)
+        if settings.status:
+            from twisted.application.internet import TCPServer
+            from twisted.web.server import Site
+
+            from natkeep.status import statusResource
+
+            host, port = parseListenAddress(settings.status)
+            TCPServer(
+                port, Site(statusResource(self)), interface=host, reactor=reactor
+            ).setServiceParent(self)
 
     def startService(self) -> None:
         gc.set_threshold(*GC_THRESHOLDS)

@@ -86,12 +86,15 @@ class InstalledCopyTests(ProcessTestCase):
 
     def test_thirdPartyPayloadUsed(self) -> None:
         """
-        A running service sends a third-party payload chosen by name.
+        A running service sends a third-party payload, paced by a
+        third-party pacer, both chosen by name.
         """
         top = installDropin(self)
         process, port = self.start(
             "--payload",
             "shout",
+            "--pacing",
+            "reverse",
             "--period",
             "10",
             "--send-interval",
@@ -105,6 +108,7 @@ class InstalledCopyTests(ProcessTestCase):
             self.assertTrue(device.recvfrom(4096)[0].startswith(b"SIP/2.0 200"))
             data, source = device.recvfrom(4096)
         self.assertEqual((data, source), (b"HELLO!", ("127.0.0.1", port)))
+        self.assertIn("pacing reverse", process.log())
 
 
 class StartupErrorTests(ProcessTestCase):
@@ -293,3 +297,34 @@ class SippTests(ProcessTestCase):
         self.assertTrue(stoppedCleanly(process), process.log()[-2000:])
         with sqlite3.connect(self.cwd.child("natkeep.sqlite").path) as db:
             self.assertEqual(db.execute("SELECT count(*) FROM bindings").fetchone(), (0,))
+
+
+class StatusTests(ProcessTestCase):
+    """
+    The HTTP status endpoint of a running process.
+    """
+
+    def test_statusAndMetrics(self) -> None:
+        """
+        C{/status} shows the bindings, NATed bindings and counters as JSON;
+        C{/metrics} the same for Prometheus.
+        """
+        import json
+        import urllib.request
+
+        web = freePort()
+        process, port = self.start("--status", f"127.0.0.1:{web}", "--period", "10")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device:
+            device.settimeout(5)
+            for n in range(3):
+                device.sendto(register(user=f"60{n}"), ("127.0.0.1", port))
+                device.recvfrom(4096)
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/status", timeout=5) as page:
+            status = json.load(page)
+        self.assertEqual((status["bindings"], status["nat_bindings"]), (3, 3))
+        self.assertEqual(status["counters"]["requests.REGISTER"], 3)
+        self.assertEqual(status["settings"]["capacity"], 120000)
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as page:
+            metrics = page.read().decode()
+        self.assertIn("natkeep_bindings 3\n", metrics)
+        self.assertIn("natkeep_requests_REGISTER_total 3\n", metrics)

@@ -1,0 +1,112 @@
+"""
+The window: an HTTP status endpoint (off unless C{--status} is given).
+
+C{/status} is JSON for people and scripts: bindings, NATed bindings, the
+last heartbeat cycle and every counter.  C{/metrics} is the same in the
+Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+if TYPE_CHECKING:
+    from natkeep.service import NatkeepService
+
+_METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def snapshot(service: NatkeepService) -> dict[str, Any]:
+    """
+    Everything the endpoint shows, as plain data.
+    """
+    settings = service.settings
+    last = service.sender.lastCycle
+    return {
+        "bindings": len(service.table),
+        "nat_bindings": service.table.natCount(),
+        "settings": {
+            "period_s": settings.period,
+            "send_interval_ms": settings.sendInterval,
+            "send_one_time": settings.sendOneTime,
+            "capacity": settings.capacity,
+            "payload": settings.payload,
+            "pacing": settings.pacing,
+            "expiry": settings.expiry,
+            "heartbeats_enabled": service.sender.enabled,
+        },
+        "last_cycle": None
+        if last is None
+        else {
+            "started": last.started,
+            "duration_s": last.duration,
+            "due": last.due,
+            "sent": last.sent,
+            "missed": last.missed,
+            "errors": last.errors,
+            "skipped": last.skipped,
+            "removed": last.removed,
+        },
+        "counters": dict(sorted(service.stats.items())),
+    }
+
+
+def prometheus(data: dict[str, Any]) -> str:
+    """
+    The snapshot in the Prometheus text exposition format.
+    """
+    lines = [
+        "# TYPE natkeep_bindings gauge",
+        f"natkeep_bindings {data['bindings']}",
+        "# TYPE natkeep_nat_bindings gauge",
+        f"natkeep_nat_bindings {data['nat_bindings']}",
+        "# TYPE natkeep_cycle_capacity gauge",
+        f"natkeep_cycle_capacity {data['settings']['capacity']}",
+    ]
+    cycle = data["last_cycle"]
+    if cycle is not None:
+        for key in ("due", "sent", "missed", "errors", "skipped", "removed"):
+            lines.append(f"# TYPE natkeep_last_cycle_{key} gauge")
+            lines.append(f"natkeep_last_cycle_{key} {cycle[key]}")
+        if cycle["duration_s"] is not None:
+            lines.append("# TYPE natkeep_last_cycle_duration_seconds gauge")
+            lines.append(f"natkeep_last_cycle_duration_seconds {cycle['duration_s']}")
+    for key, value in data["counters"].items():
+        name = "natkeep_" + _METRIC_NAME.sub("_", key) + "_total"
+        lines.append(f"# TYPE {name} counter")
+        lines.append(f"{name} {value}")
+    return "\n".join(lines) + "\n"
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def __init__(self, service: NatkeepService, kind: str) -> None:
+        super().__init__()
+        self.service = service
+        self.kind = kind
+
+    def render_GET(self, request: Request) -> bytes:
+        data = snapshot(self.service)
+        if self.kind == "metrics":
+            request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+            return prometheus(data).encode("utf-8")
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(data, indent=2).encode("utf-8") + b"\n"
+
+
+def statusResource(service: NatkeepService) -> Resource:
+    """
+    The resource tree: C{/status} and C{/metrics}; C{/} is C{/status}.
+    """
+    root = _Page(service, "status")
+    root.isLeaf = False
+    root.putChild(b"", _Page(service, "status"))
+    root.putChild(b"status", _Page(service, "status"))
+    root.putChild(b"metrics", _Page(service, "metrics"))
+    return root
