@@ -323,7 +323,8 @@ class StatusTests(ProcessTestCase):
             status = json.load(page)
         self.assertEqual((status["bindings"], status["nat_bindings"]), (3, 3))
         self.assertEqual(status["counters"]["requests.REGISTER"], 3)
-        self.assertEqual(status["settings"]["capacity"], 120000)
+        # ceil(10 * 1000 / 500) * 3000
+        self.assertEqual(status["settings"]["capacity"], 60000)
         with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as page:
             metrics = page.read().decode()
         self.assertIn("natkeep_bindings 3\n", metrics)
