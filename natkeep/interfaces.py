@@ -11,7 +11,15 @@ Methods are declared without C{self}, as zope.interface wants.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Sequence
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from natkeep.bindings import Binding
+    from natkeep.config import Settings
+    from natkeep.sip import Response
+    from natkeep.store import StoredBinding
 
 # Signatures below are documentation for zope.interface; mypy-zope reads them.
 # mypy: disable-error-code="misc"
@@ -60,7 +68,7 @@ class IExpiryPolicy(Interface):
         @return: seconds, at least 1.
         """
 
-    def heartbeatDue(binding: object) -> bool:
+    def heartbeatDue(binding: Binding) -> bool:
         """
         A heartbeat is about to be sent to C{binding}.
 
@@ -68,7 +76,7 @@ class IExpiryPolicy(Interface):
             removed instead (for example, too many went unanswered).
         """
 
-    def heartbeatAnswered(binding: object) -> None:
+    def heartbeatAnswered(binding: Binding) -> None:
         """
         The device of C{binding} answered a heartbeat.
         """
@@ -87,12 +95,12 @@ class IPayload(Interface):
         "C{b''} means heartbeats are switched off."
     )
 
-    def payloadFor(binding: object) -> bytes:
+    def payloadFor(binding: Binding) -> bytes:
         """
         The datagram to send to C{binding} now.
         """
 
-    def responseReceived(response: object, source: tuple[str, int]) -> object:
+    def responseReceived(response: Response, source: tuple[str, int]) -> Optional[Binding]:
         """
         A SIP response arrived at the registrar from C{source}.
 
@@ -115,7 +123,7 @@ class ICycle(Interface):
 
     due = Attribute("How many bindings this cycle means to reach.")
 
-    def nextBatch() -> object:
+    def nextBatch() -> Optional[Sequence[Binding]]:
         """
         The bindings to send to at this send interval: a sequence, empty
         when nothing is due now, or C{None} when the cycle has nothing more.
@@ -135,7 +143,7 @@ class IPacer(Interface):
 
     name = Attribute("The name config uses to choose this pacing.")
 
-    def startCycle(bindings: object, batches: int, batchSize: int) -> ICycle:
+    def startCycle(bindings: Collection[Binding], batches: int, batchSize: int) -> ICycle:
         """
         Plan the cycle that starts now.
 
@@ -160,7 +168,7 @@ class IStrategyMaker(Interface):
     )
     description = Attribute("One line for C{--list-strategies}.")
 
-    def __call__(settings: object) -> object:
+    def __call__(settings: Settings) -> Any:
         """
         Build the strategy from a L{natkeep.config.Settings}.
         """
@@ -175,18 +183,18 @@ class IBindingStore(Interface):
 
     location = Attribute("Where the bindings are kept, for log lines.")
 
-    def load(now: float) -> object:
+    def load(now: float) -> Iterable[StoredBinding]:
         """
         The stored bindings that are still alive at C{now}, as an iterable of
         L{natkeep.store.StoredBinding}; expired ones are deleted.
         """
 
-    def put(binding: object) -> None:
+    def put(binding: Binding) -> None:
         """
         Record a new or changed binding in the current transaction.
         """
 
-    def delete(binding: object) -> None:
+    def delete(binding: Binding) -> None:
         """
         Record the removal of a binding in the current transaction.
         """

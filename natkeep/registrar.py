@@ -541,7 +541,8 @@ class RegistrarProtocol(DatagramProtocol):
 
     def _write(self, data: bytes, address: tuple[str, int]) -> object:
         assert self.transport is not None
-        return self.transport.write(data, address)
+        self.transport.write(data, address)
+        return len(data)
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> object:
         """
@@ -550,7 +551,7 @@ class RegistrarProtocol(DatagramProtocol):
         """
         return self._write(data, address)
 
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         # Twisted hands IPv6 sources as (host, port) already.
         try:
             self.registrar.datagramReceived(data, addr, self)

@@ -106,7 +106,7 @@ class HeartbeatSender(Service):
         """
         Whether heartbeats are on: an empty payload is the master switch.
         """
-        return self.payload.fixed != b""
+        return bool(self.payload.fixed != b"")
 
     def startService(self) -> None:
         super().startService()

@@ -291,32 +291,28 @@ def splitHostPort(text: str) -> tuple[str, Optional[int]]:
 
     @raise ValueError: on a malformed host or port.
     """
+    portText: Optional[str]
     if "[" not in text:
-        host, sep, portText = text.partition(":")
+        host, sep, digits = text.partition(":")
         if not sep:
             if not host:
                 raise ValueError("empty host")
             return host, None
-        if not host or not portText.isdigit():
+        if not host or not digits.isdigit():
             raise ValueError("bad host or port")
-        port = int(portText)
-        if not 0 < port < 65536:
+        number = int(digits)
+        if not 0 < number < 65536:
             raise ValueError("bad port")
-        return host, port
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise ValueError("unclosed IPv6 reference")
-        host = text[1:close]
-        rest = text[close + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError("junk after IPv6 reference")
-        portText = rest[1:] if rest else None
-    else:
-        host, sep, portText = text.partition(":")
-        if not sep:
-            portText = None
-    if not host:
+        return host, number
+    close = text.find("]")
+    if close < 0:
+        raise ValueError("unclosed IPv6 reference")
+    host = text[1:close]
+    rest = text[close + 1 :]
+    if rest and not rest.startswith(":"):
+        raise ValueError("junk after IPv6 reference")
+    portText = rest[1:] if rest else None
+    if not host or not text.startswith("["):
         raise ValueError("empty host")
     port: Optional[int] = None
     if portText is not None:

@@ -6,5 +6,5 @@ which this package's path picks up.
 
 from twisted.plugin import pluginPackagePaths
 
-__path__.extend(pluginPackagePaths(__name__))  # type: ignore[name-defined]
+__path__.extend(pluginPackagePaths(__name__))  # type: ignore[no-untyped-call]
 __all__: list[str] = []
