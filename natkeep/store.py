@@ -74,8 +74,50 @@ class StoredBinding:
     cseq: int
 
 
+class WriteBuffer:
+    """
+    The changes of a reactor turn, waiting for a commit: the latest put of
+    each binding, and the deletions.  Both stores keep their writes here.
+    """
+
+    def __init__(self) -> None:
+        self._puts: dict[tuple[str, str], Binding] = {}
+        self._deletes: set[tuple[str, str]] = set()
+
+    def put(self, binding: Binding) -> None:
+        key = (binding.aor, binding.uri)
+        self._deletes.discard(key)
+        self._puts[key] = binding
+
+    def delete(self, binding: Binding) -> None:
+        key = (binding.aor, binding.uri)
+        self._puts.pop(key, None)
+        self._deletes.add(key)
+
+    def pending(self) -> bool:
+        return bool(self._puts or self._deletes)
+
+    def takeWrites(self) -> tuple[dict[tuple[str, str], Binding], set[tuple[str, str]]]:
+        """
+        Hand over the buffered writes and start a new buffer.
+        """
+        puts, self._puts = self._puts, {}
+        deletes, self._deletes = self._deletes, set()
+        return puts, deletes
+
+    def restoreWrites(
+        self, puts: dict[tuple[str, str], Binding], deletes: set[tuple[str, str]]
+    ) -> None:
+        """
+        Put back writes a failed commit took, under any made since.
+        """
+        puts.update(self._puts)
+        self._puts = puts
+        self._deletes |= deletes
+
+
 @implementer(IBindingStore)
-class SQLiteStore:
+class SQLiteStore(WriteBuffer):
     """
     Bindings in an SQLite file.
 
@@ -83,9 +125,8 @@ class SQLiteStore:
     """
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = self.location = path
-        self._puts: dict[tuple[str, str], Binding] = {}
-        self._deletes: set[tuple[str, str]] = set()
         try:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -114,22 +155,8 @@ class SQLiteStore:
                 aor, uri, params, (host, port), listener, bool(nat), expiresAt, callId, cseq
             )
 
-    def put(self, binding: Binding) -> None:
-        key = (binding.aor, binding.uri)
-        self._deletes.discard(key)
-        self._puts[key] = binding
-
-    def delete(self, binding: Binding) -> None:
-        key = (binding.aor, binding.uri)
-        self._puts.pop(key, None)
-        self._deletes.add(key)
-
-    def pending(self) -> bool:
-        return bool(self._puts or self._deletes)
-
     def commit(self) -> None:
-        puts, self._puts = self._puts, {}
-        deletes, self._deletes = self._deletes, set()
+        puts, deletes = self.takeWrites()
         db = self._db
         db.execute("BEGIN")
         try:
@@ -160,9 +187,7 @@ class SQLiteStore:
         except BaseException:
             db.execute("ROLLBACK")
             # Keep the writes for the next attempt.
-            puts.update(self._puts)
-            self._puts = puts
-            self._deletes |= deletes
+            self.restoreWrites(puts, deletes)
             raise
 
     def count(self, now: Optional[float] = None, natOnly: bool = False) -> int:

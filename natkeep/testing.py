@@ -13,9 +13,8 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from natkeep.bindings import Binding
 from natkeep.interfaces import IBindingStore, IListener
-from natkeep.store import StoredBinding
+from natkeep.store import StoredBinding, WriteBuffer
 
 
 @implementer(IListener)
@@ -54,8 +53,7 @@ class FakeListener:
 
 
 @implementer(IBindingStore)
-@attrs.define
-class MemoryStore:
+class MemoryStore(WriteBuffer):
     """
     A store that keeps committed bindings in a dict.
 
@@ -65,38 +63,27 @@ class MemoryStore:
         their writes pending.
     """
 
-    rows: dict[tuple[str, str], StoredBinding] = attrs.field(factory=dict)
-    commits: int = 0
-    failures: int = 0
-    location: str = "memory"
-    _puts: dict[tuple[str, str], Binding] = attrs.field(factory=dict)
-    _deletes: set[tuple[str, str]] = attrs.field(factory=set)
+    location = "memory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[tuple[str, str], StoredBinding] = {}
+        self.commits = 0
+        self.failures = 0
 
     def load(self, now: float) -> Iterable[StoredBinding]:
         for key in [k for k, row in self.rows.items() if row.expiresAt <= now]:
             del self.rows[key]
         return list(self.rows.values())
 
-    def put(self, binding: Binding) -> None:
-        key = (binding.aor, binding.uri)
-        self._deletes.discard(key)
-        self._puts[key] = binding
-
-    def delete(self, binding: Binding) -> None:
-        key = (binding.aor, binding.uri)
-        self._puts.pop(key, None)
-        self._deletes.add(key)
-
-    def pending(self) -> bool:
-        return bool(self._puts or self._deletes)
-
     def commit(self) -> None:
         if self.failures:
             self.failures -= 1
             raise OSError("commit failed")
-        for key in self._deletes:
+        puts, deletes = self.takeWrites()
+        for key in deletes:
             self.rows.pop(key, None)
-        for key, b in self._puts.items():
+        for key, b in puts.items():
             self.rows[key] = StoredBinding(
                 b.aor,
                 b.uri,
@@ -108,8 +95,6 @@ class MemoryStore:
                 b.callId,
                 b.cseq,
             )
-        self._puts.clear()
-        self._deletes.clear()
         self.commits += 1
 
     def count(self) -> int:

@@ -15,7 +15,7 @@ from natkeep.config import Settings
 from natkeep.interfaces import IExpiryPolicy, IPacer, IPayload
 from natkeep.plugins.natkeep_expiry import CapExpiry, LivenessExpiry
 from natkeep.plugins.natkeep_pacing import RestartPacer, ResumePacer, SpreadPacer
-from natkeep.plugins.natkeep_payload import CRLFPayload, OptionsPayload, RawPayload
+from natkeep.plugins.natkeep_payload import FixedPayload, OptionsPayload
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Request, Response, parseMessage
 from natkeep.strategies import makeStrategy
@@ -64,7 +64,7 @@ class SenderTestCase(SynchronousTestCase):
         sender = HeartbeatSender(
             self.table,
             self.clock,
-            payload or RawPayload(b"HELLO"),
+            payload or FixedPayload(b"HELLO"),
             pacer or RestartPacer(),
             expiry or CapExpiry(3600, 300),
             period=10,
@@ -208,7 +208,7 @@ class SendingTests(SenderTestCase):
         listener it registered on.
         """
         [device] = self.addDevices(1)
-        self.runFor(self.makeSender(payload=RawPayload(b"PING\r\n")), 1)
+        self.runFor(self.makeSender(payload=FixedPayload(b"PING\r\n")), 1)
         self.assertEqual(self.listener.sent, [(b"PING\r\n", device.source)])
 
     def test_crlf(self) -> None:
@@ -216,7 +216,7 @@ class SendingTests(SenderTestCase):
         The C{crlf} payload is a double CRLF.
         """
         self.addDevices(1)
-        self.runFor(self.makeSender(payload=CRLFPayload()), 1)
+        self.runFor(self.makeSender(payload=FixedPayload(b"\r\n\r\n", "crlf")), 1)
         self.assertEqual([d for d, _ in self.listener.sent], [b"\r\n\r\n"])
 
     def test_onlyNATed(self) -> None:
@@ -234,7 +234,7 @@ class SendingTests(SenderTestCase):
         An empty MESSAGE is the master switch: nothing at all is sent.
         """
         self.addDevices(5)
-        sender = self.makeSender(payload=RawPayload(b""))
+        sender = self.makeSender(payload=FixedPayload(b""))
         self.runFor(sender, 30)
         self.assertEqual(self.listener.sent, [])
         self.assertEqual(sender.stats["cycles"], 0)

@@ -37,44 +37,30 @@ class CapExpiry:
 
 @implementer(IExpiryPolicy)
 @attrs.frozen
-class FixedExpiry:
+class FixedExpiry(CapExpiry):
     """
     Always grant SS_ENDPOINT_EXPIRE, or SS_ENDPOINT_NAT_EXPIRE behind NAT,
     whatever the device asked for, as VOS3000 does.
     """
 
-    endpointExpire: int
-    endpointNatExpire: int
     name = "fixed"
-    tracksHeartbeats = False
 
     def grant(self, requested: int, nat: bool) -> int:
         return self.endpointNatExpire if nat else self.endpointExpire
 
-    def heartbeatDue(self, binding: Binding) -> bool:
-        return True
-
-    def heartbeatAnswered(self, binding: Binding) -> None:
-        pass
-
 
 @implementer(IExpiryPolicy)
 @attrs.frozen
-class LivenessExpiry:
+class LivenessExpiry(CapExpiry):
     """
     Grant as C{cap} does, and remove a binding whose device left C{misses}
     heartbeats in a row unanswered.  Meant for the C{options} payload, whose
     heartbeats a live device answers.
     """
 
-    endpointExpire: int
-    endpointNatExpire: int
     misses: int
     name = "liveness"
     tracksHeartbeats = True
-
-    def grant(self, requested: int, nat: bool) -> int:
-        return min(requested, self.endpointNatExpire if nat else self.endpointExpire)
 
     def heartbeatDue(self, binding: Binding) -> bool:
         if binding.unanswered >= self.misses:

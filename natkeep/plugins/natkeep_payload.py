@@ -17,33 +17,15 @@ from natkeep.strategies import StrategyMaker
 
 @implementer(IPayload)
 @attrs.frozen
-class RawPayload:
+class FixedPayload:
     """
-    SS_SIP_NAT_KEEP_ALIVE_MESSAGE as a raw UDP datagram, as VOS3000 sends it.
+    The same bytes to every binding: SS_SIP_NAT_KEEP_ALIVE_MESSAGE as a raw
+    UDP datagram (C{raw}, as VOS3000 sends it), or a double CRLF (C{crlf},
+    the RFC 5626 §4.4.1 ping every SIP stack ignores).
     """
 
     fixed: bytes
-    name = "raw"
-
-    def payloadFor(self, binding: Binding) -> bytes:
-        return self.fixed
-
-    def responseReceived(self, response: Response, source: tuple[str, int]) -> None:
-        return None
-
-    def cycleStarted(self, now: float) -> None:
-        pass
-
-
-@implementer(IPayload)
-@attrs.frozen
-class CRLFPayload:
-    """
-    A double CRLF (the RFC 5626 §4.4.1 ping), which every SIP stack ignores.
-    """
-
-    fixed: bytes = b"\r\n\r\n"
-    name = "crlf"
+    name: str = "raw"
 
     def payloadFor(self, binding: Binding) -> bytes:
         return self.fixed
@@ -132,9 +114,11 @@ raw = StrategyMaker(
     "raw",
     IPayload,
     "SS_SIP_NAT_KEEP_ALIVE_MESSAGE as a raw UDP datagram (default)",
-    lambda s: RawPayload(s.message),
+    lambda s: FixedPayload(s.message, "raw"),
 )
-crlf = StrategyMaker("crlf", IPayload, "a double CRLF (RFC 5626 ping)", lambda s: CRLFPayload())
+crlf = StrategyMaker(
+    "crlf", IPayload, "a double CRLF (RFC 5626 ping)", lambda s: FixedPayload(b"\r\n\r\n", "crlf")
+)
 options = StrategyMaker(
     "options",
     IPayload,
