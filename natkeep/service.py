@@ -6,10 +6,11 @@ binding table and its expiry sweep, the store and the heartbeat sender.
 from __future__ import annotations
 
 import gc
+import signal
 import socket
 import sys
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import error
@@ -226,10 +227,16 @@ class NatkeepService(MultiService):
     @ivar stats: counters by name, shared by every part.
     """
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        reloadSettings: Optional[Callable[[], Settings]] = None,
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
+        self.reloadSettings = reloadSettings
         self.stats: Counter[str] = Counter()
         self.expiry: IExpiryPolicy = makeStrategy(IExpiryPolicy, settings.expiry, settings)
         self.payload: IPayload = makeStrategy(IPayload, settings.payload, settings)
@@ -279,8 +286,72 @@ class NatkeepService(MultiService):
                 port, Site(statusResource(self)), interface=host, reactor=reactor
             ).setServiceParent(self)
 
+    def reload(self) -> bool:
+        """
+        Re-read the settings and apply the keep-alive ones (heartbeat
+        parameters, strategies, expiry limits) without touching a binding.
+        A wrong config is refused and the running settings stay.
+
+        @return: whether new settings were applied.
+        """
+        if self.reloadSettings is None:
+            return False
+        try:
+            new = self.reloadSettings()
+            expiry = makeStrategy(IExpiryPolicy, new.expiry, new)
+            payload = makeStrategy(IPayload, new.payload, new)
+            pacer = makeStrategy(IPacer, new.pacing, new)
+        except ConfigError as e:
+            log.error("Reload refused, settings unchanged: {error}", error=str(e))
+            return False
+        for name in ("listen", "db", "status"):
+            if getattr(new, name) != getattr(self.settings, name):
+                log.warn("Reload: {name} changes only on restart", name=name)
+        self.settings = new
+        self.expiry = self.registrar.expiry = expiry
+        self.payload = self.registrar.payload = payload
+        self.pacer = pacer
+        self.registrar.minExpires = new.minExpires
+        self.registrar.natTests = frozenset(new.natDetect)
+        self.registrar.sipTrace = new.sipTrace
+        sender = self.sender
+        running = sender.running
+        if running:
+            sender.stopService()
+        sender.payload, sender.pacer, sender.expiry = payload, pacer, expiry
+        sender.period = new.period
+        sender.sendInterval = new.sendInterval / 1000
+        sender.sendOneTime = new.sendOneTime
+        sender.batches = new.batchesPerCycle
+        sender.pingAll = new.pingAll
+        if running:
+            sender.startService()
+        log.info(
+            "Reloaded settings: period {period} s, interval {interval} ms, {oneTime} "
+            "per batch, payload {payload}, pacing {pacing}, expiry {expiry}; "
+            "{bindings} bindings kept",
+            period=new.period,
+            interval=new.sendInterval,
+            oneTime=new.sendOneTime,
+            payload=new.payload,
+            pacing=new.pacing,
+            expiry=new.expiry,
+            bindings=len(self.table),
+        )
+        return True
+
+    def _installReloadSignal(self) -> None:
+        if self.reloadSettings is None or not hasattr(signal, "SIGHUP"):
+            return
+        callFromThread = getattr(self.reactor, "callFromThread", None)
+        if callFromThread is None:
+            return
+        # The handler only schedules: the reload runs in the reactor.
+        signal.signal(signal.SIGHUP, lambda signum, frame: callFromThread(self.reload))
+
     def startService(self) -> None:
         gc.set_threshold(*GC_THRESHOLDS)
+        self._installReloadSignal()
         for warning in sanityWarnings(self.settings):
             log.warn("{warning}", warning=warning)
         log.info(

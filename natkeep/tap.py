@@ -113,6 +113,6 @@ def makeService(options: Options) -> IService:
             from natkeep.plan import printPlan
 
             raise SystemExit(printPlan(settings, options["devices"], sys.stdout))
-        return NatkeepService(settings, reactor)
+        return NatkeepService(settings, reactor, reloadSettings=options.settings)
     except ConfigError as e:
         raise SystemExit(f"natkeep: error: {e}")

@@ -329,3 +329,35 @@ class StatusTests(ProcessTestCase):
             metrics = page.read().decode()
         self.assertIn("natkeep_bindings 3\n", metrics)
         self.assertIn("natkeep_requests_REGISTER_total 3\n", metrics)
+
+
+class SighupTests(ProcessTestCase):
+    """
+    C{SIGHUP} re-reads the config file.
+    """
+
+    def test_sighupAppliesNewMessage(self) -> None:
+        """
+        After the file's MESSAGE changes and the process gets SIGHUP, the
+        same registered device receives the new payload.
+        """
+        import signal
+
+        config = self.cwd.child("natkeep.conf")
+        config.setContent(
+            b"SS_SIP_NAT_KEEP_ALIVE_MESSAGE = FIRST\nSS_SIP_NAT_KEEP_ALIVE_PERIOD = 10\n"
+        )
+        process, port = self.start("--config", config.path, "--send-interval", "100")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device:
+            device.bind(("127.0.0.1", 0))
+            device.settimeout(15)
+            device.sendto(register(user="9001"), ("127.0.0.1", port))
+            self.assertTrue(device.recvfrom(4096)[0].startswith(b"SIP/2.0 200"))
+            self.assertEqual(device.recvfrom(4096)[0], b"FIRST")
+            config.setContent(
+                b"SS_SIP_NAT_KEEP_ALIVE_MESSAGE = SECOND\nSS_SIP_NAT_KEEP_ALIVE_PERIOD = 10\n"
+            )
+            process.process.send_signal(signal.SIGHUP)
+            self.assertEqual(device.recvfrom(4096)[0], b"SECOND")
+        self.assertIn("Reloaded settings", process.log())
+        self.assertIn("1 bindings kept", process.log())

@@ -186,3 +186,46 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
     from twisted.internet import reactor, task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+class ReloadTests(ServiceTestCase):
+    """
+    Re-reading the settings while running.
+    """
+
+    @defer.inlineCallbacks
+    def test_reloadKeepsBindings(self):  # type: ignore[no-untyped-def]
+        """
+        A reload applies new keep-alive settings and strategies, keeps every
+        binding, and the next heartbeat carries the new payload.
+        """
+        from natkeep.config import ConfigError, Settings
+
+        service = self.startService(message=b"OLD", period=10)
+        device = startDevice(self)
+        yield self.registerDevice(device, "8001")
+        offered: list[object] = [
+            Settings(
+                listen=service.settings.listen,
+                db=service.settings.db,
+                message=b"NEW",
+                period=20,
+                pacing="spread",
+            ),
+        ]
+
+        def provide() -> Settings:
+            value = offered.pop(0)
+            if isinstance(value, Exception):
+                raise value
+            return value  # type: ignore[return-value]
+
+        service.reloadSettings = provide
+        self.assertTrue(service.reload())
+        self.assertEqual((service.sender.period, service.sender.pacer.name), (20, "spread"))
+        self.assertEqual(len(service.table.lookup("sip:8001@example.com")), 1)
+        data, _ = yield device.next()
+        self.assertEqual(data, b"NEW")
+        offered.append(ConfigError("SS_SIP_NAT_KEEP_ALIVE_PERIOD = '5' is invalid"))
+        self.assertFalse(service.reload())
+        self.assertEqual(service.settings.message, b"NEW")
