@@ -38,7 +38,6 @@ from natkeep.sip import (
     parseNameAddr,
     parseURI,
     parseVia,
-    renderResponse,
     splitCommas,
     splitValues,
 )
@@ -56,6 +55,9 @@ SERVER = f"natkeep/{__version__}"
 _COPIED = (("from", "From"), ("to", "To"), ("call-id", "Call-ID"), ("cseq", "CSeq"))
 
 _SENT_KEYS: dict[int, str] = {}
+
+#: How every response ends: natkeep's responses carry no body.
+_TRAILER = f"Server: {SERVER}\r\nContent-Length: 0\r\n\r\n"
 
 
 class _Unanswerable(Exception):
@@ -433,24 +435,25 @@ class Registrar:
             params.append(("received", host))
         top = Via(via.protocol, via.host, via.port, params)
         fields = request.headers
-        headers = [("Via", top.render())]
+        # One pass of string building: this runs for every request.
+        lines = [f"SIP/2.0 {code} {reason}\r\nVia: {top.render()}\r\n"]
         vias = splitValues(fields["via"])
         if len(vias) > 1:
-            headers.extend([("Via", value) for value in vias[1:]])
+            lines.extend([f"Via: {value}\r\n" for value in vias[1:]])
         for name, title in _COPIED:
             values = fields.get(name)
             if values:
                 value = values[0]
                 if name == "to":
                     value = self._tagged(value, request)
-                headers.append((title, value))
-        headers.extend(extra)
-        headers.append(("Server", SERVER))
+                lines.append(f"{title}: {value}\r\n")
+        lines.extend([f"{name}: {value}\r\n" for name, value in extra])
+        lines.append(_TRAILER)
         key = _SENT_KEYS.get(code)
         if key is None:
             key = _SENT_KEYS[code] = f"responses.sent.{code}"
         self.stats[key] += 1
-        self._send(listener, renderResponse(code, reason, headers), source)
+        self._send(listener, "".join(lines).encode("utf-8"), source)
 
     def _tagged(self, to: str, request: Request) -> str:
         # Header parameters follow the closing bracket (or the whole value
@@ -513,6 +516,8 @@ class Registrar:
 
 
 def _otherParams(contact: NameAddr) -> str:
+    if not contact.params:
+        return ""
     return "".join(
         f";{key}" if value is None else f";{key}={value}"
         for key, value in contact.params

@@ -324,8 +324,6 @@ class NatkeepService(MultiService):
         sender.sendOneTime = new.sendOneTime
         sender.batches = new.batchesPerCycle
         sender.pingAll = new.pingAll
-        if running:
-            sender.startService()
         log.info(
             "Reloaded settings: period {period} s, interval {interval} ms, {oneTime} "
             "per batch, payload {payload}, pacing {pacing}, expiry {expiry}; "
@@ -338,6 +336,8 @@ class NatkeepService(MultiService):
             expiry=new.expiry,
             bindings=len(self.table),
         )
+        if running:
+            sender.startService()
         return True
 
     def _installReloadSignal(self) -> None:

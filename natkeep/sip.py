@@ -146,7 +146,7 @@ def parseMessage(data: bytes) -> Message:
     if "\r\n" in text:
         lines = text.split("\r\n")
         # A stray bare LF inside CRLF-ended lines still ends a line.
-        if "\n" in text.replace("\r\n", ""):
+        if text.count("\n") != len(lines) - 1:
             lines = [line.rstrip("\r") for line in text.split("\n")]
     else:
         lines = text.split("\n")

@@ -359,5 +359,5 @@ class SighupTests(ProcessTestCase):
             )
             process.process.send_signal(signal.SIGHUP)
             self.assertEqual(device.recvfrom(4096)[0], b"SECOND")
-        self.assertIn("Reloaded settings", process.log())
+        process.waitLog("Reloaded settings", timeout=10)
         self.assertIn("1 bindings kept", process.log())
