@@ -26,7 +26,6 @@ from natkeep.bindings import Binding, BindingTable
 from natkeep.config import NAT_TESTS
 from natkeep.interfaces import IBindingStore, IExpiryPolicy, IListener, IPayload
 from natkeep.sip import (
-    NameAddr,
     Request,
     Response,
     SIPError,
@@ -38,6 +37,7 @@ from natkeep.sip import (
     parseNameAddr,
     parseURI,
     parseVia,
+    renderParams,
     splitCommas,
     splitValues,
 )
@@ -134,7 +134,7 @@ class Registrar:
         try:
             message = parseMessage(data)
         except SIPError as e:
-            partial = getattr(e, "partial", None)
+            partial = e.partial
             if isinstance(partial, Request):
                 self._answerError(partial, source, listener, e)
             else:
@@ -326,7 +326,7 @@ class Registrar:
                     self._forget(existing)
                 continue
             granted = self.expiry.grant(expires, nat)
-            params = _otherParams(contact)
+            params = renderParams(contact.params, skip=("expires",))
             if existing is None:
                 binding = Binding(
                     aor,
@@ -513,16 +513,6 @@ class Registrar:
         except OSError as e:
             self.stats["send.errors"] += 1
             log.debug("Sending to {address} failed: {e}", address=address, e=e)
-
-
-def _otherParams(contact: NameAddr) -> str:
-    if not contact.params:
-        return ""
-    return "".join(
-        f";{key}" if value is None else f";{key}={value}"
-        for key, value in contact.params
-        if key != "expires"
-    )
 
 
 @implementer(IListener)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Container, Iterable, Iterator, NamedTuple, Optional, Union
 
 import attrs
 
@@ -285,6 +285,19 @@ def parseParams(text: str) -> list[tuple[str, Optional[str]]]:
     return params
 
 
+def renderParams(params: Iterable[tuple[str, Optional[str]]], skip: Container[str] = ()) -> str:
+    """
+    Render parameters back as C{;name=value;flag}, leaving out C{skip}.
+    """
+    return "".join(
+        [
+            f";{key}" if value is None else f";{key}={value}"
+            for key, value in params
+            if key not in skip
+        ]
+    )
+
+
 def splitHostPort(text: str) -> tuple[str, Optional[int]]:
     """
     Split C{host}, C{host:port}, C{[v6]} or C{[v6]:port}.
@@ -350,10 +363,7 @@ class Via:
     def render(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         sentBy = host if self.port is None else f"{host}:{self.port}"
-        params = "".join(
-            f";{key}" if value is None else f";{key}={value}" for key, value in self.params
-        )
-        return f"{self.protocol} {sentBy}{params}"
+        return f"{self.protocol} {sentBy}{renderParams(self.params)}"
 
 
 def parseVia(value: str) -> Via:
@@ -528,30 +538,6 @@ def isPrivateAddress(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return any(address in net for net in _PRIVATE_NETWORKS)
-
-
-def formatAddress(host: str, port: int) -> str:
-    """
-    C{host:port}, bracketing IPv6 literals.
-    """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
-def renderResponse(
-    code: int,
-    reason: str,
-    headers: list[tuple[str, str]],
-    body: bytes = b"",
-) -> bytes:
-    """
-    Render a response from ordered C{(name, value)} header pairs; the
-    Content-Length is added here.
-    """
-    text = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    head = f"SIP/2.0 {code} {reason}\r\n{text}Content-Length: {len(body)}\r\n\r\n"
-    return head.encode("utf-8") + body
 
 
 def renderRequest(

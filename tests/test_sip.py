@@ -16,7 +16,8 @@ from natkeep.sip import (
     parseNameAddr,
     parseURI,
     parseVia,
-    renderResponse,
+    renderParams,
+    renderRequest,
     splitCommas,
 )
 from natkeep.testing import register
@@ -244,13 +245,22 @@ class HeaderValueTests(SynchronousTestCase):
         for host in ["8.8.8.8", "127.0.0.1", "2001:db8::1", "pbx.example.com", "100.128.0.1"]:
             self.assertFalse(isPrivateAddress(host), host)
 
-    def test_renderResponse(self) -> None:
+    def test_renderRequest(self) -> None:
         """
-        A rendered response ends its headers with Content-Length and a blank
+        A rendered request ends its headers with Content-Length and a blank
         line, and parses back.
         """
-        data = renderResponse(200, "OK", [("Call-ID", "x")])
+        data = renderRequest("OPTIONS", "sip:a@h", [("Call-ID", "x")])
         self.assertTrue(data.endswith(b"Content-Length: 0\r\n\r\n"))
         message = parseMessage(data)
-        assert isinstance(message, Response)
-        self.assertEqual(message.header("call-id"), "x")
+        assert isinstance(message, Request)
+        self.assertEqual((message.method, message.header("call-id")), ("OPTIONS", "x"))
+
+    def test_renderParams(self) -> None:
+        """
+        Parameters render back as written, flags without C{=}, minus any
+        skipped.
+        """
+        params = [("branch", "z9hG4bK1"), ("rport", None), ("expires", "60")]
+        self.assertEqual(renderParams(params), ";branch=z9hG4bK1;rport;expires=60")
+        self.assertEqual(renderParams(params, skip=("expires",)), ";branch=z9hG4bK1;rport")
