@@ -101,6 +101,34 @@ class HeartbeatSender(Service):
         self._periodLoop: Optional[LoopingCall] = None
         self._batchLoop: Optional[LoopingCall] = None
 
+    def reconfigure(
+        self,
+        payload: IPayload,
+        pacer: IPacer,
+        expiry: IExpiryPolicy,
+        *,
+        period: float,
+        sendInterval: float,
+        sendOneTime: int,
+        batches: int,
+        pingAll: bool,
+    ) -> None:
+        """
+        Take new strategies and timing; a running sender starts a fresh
+        cycle with them at once.
+        """
+        running = self.running
+        if running:
+            self.stopService()
+        self.payload, self.pacer, self.expiry = payload, pacer, expiry
+        self.period = period
+        self.sendInterval = sendInterval
+        self.sendOneTime = sendOneTime
+        self.batches = batches
+        self.pingAll = pingAll
+        if running:
+            self.startService()
+
     @property
     def enabled(self) -> bool:
         """

@@ -217,6 +217,43 @@ class RestoreService(Service):
         )
 
 
+def _strategies(settings: Settings) -> tuple[IExpiryPolicy, IPayload, IPacer]:
+    """
+    The expiry policy, payload and pacer the settings name.
+
+    @raise ConfigError: when one is not installed.
+    """
+    return (
+        makeStrategy(IExpiryPolicy, settings.expiry, settings),
+        makeStrategy(IPayload, settings.payload, settings),
+        makeStrategy(IPacer, settings.pacing, settings),
+    )
+
+
+def _senderTiming(settings: Settings) -> dict[str, Any]:
+    """
+    The L{HeartbeatSender} parameters the settings give.
+    """
+    return {
+        "period": settings.period,
+        "sendInterval": settings.sendInterval / 1000,
+        "sendOneTime": settings.sendOneTime,
+        "batches": settings.batchesPerCycle,
+        "pingAll": settings.pingAll,
+    }
+
+
+def _registrarOptions(settings: Settings) -> dict[str, Any]:
+    """
+    The L{Registrar} parameters the settings give.
+    """
+    return {
+        "minExpires": settings.minExpires,
+        "natTests": settings.natDetect,
+        "sipTrace": settings.sipTrace,
+    }
+
+
 class NatkeepService(MultiService):
     """
     The whole of natkeep as one service.
@@ -238,9 +275,7 @@ class NatkeepService(MultiService):
         self.reactor = reactor
         self.reloadSettings = reloadSettings
         self.stats: Counter[str] = Counter()
-        self.expiry: IExpiryPolicy = makeStrategy(IExpiryPolicy, settings.expiry, settings)
-        self.payload: IPayload = makeStrategy(IPayload, settings.payload, settings)
-        self.pacer: IPacer = makeStrategy(IPacer, settings.pacing, settings)
+        self.expiry, self.payload, self.pacer = _strategies(settings)
         try:
             self.store = SQLiteStore(settings.db)
         except StoreError as e:
@@ -250,12 +285,10 @@ class NatkeepService(MultiService):
             self.table,
             reactor,
             self.expiry,
-            minExpires=settings.minExpires,
-            natTests=settings.natDetect,
             store=self.store,
             payload=self.payload,
-            sipTrace=settings.sipTrace,
             stats=self.stats,
+            **_registrarOptions(settings),
         )
         self.listeners = ListenerService(self.registrar, settings.listen, reactor)
         self.listeners.setServiceParent(self)
@@ -267,12 +300,8 @@ class NatkeepService(MultiService):
             self.payload,
             self.pacer,
             self.expiry,
-            period=settings.period,
-            sendInterval=settings.sendInterval / 1000,
-            sendOneTime=settings.sendOneTime,
-            batches=settings.batchesPerCycle,
-            pingAll=settings.pingAll,
             stats=self.stats,
+            **_senderTiming(settings),
         )
         self.sender.setServiceParent(self)
         if settings.status:
@@ -298,9 +327,7 @@ class NatkeepService(MultiService):
             return False
         try:
             new = self.reloadSettings()
-            expiry = makeStrategy(IExpiryPolicy, new.expiry, new)
-            payload = makeStrategy(IPayload, new.payload, new)
-            pacer = makeStrategy(IPacer, new.pacing, new)
+            expiry, payload, pacer = _strategies(new)
         except ConfigError as e:
             log.error("Reload refused, settings unchanged: {error}", error=str(e))
             return False
@@ -311,19 +338,8 @@ class NatkeepService(MultiService):
         self.expiry = self.registrar.expiry = expiry
         self.payload = self.registrar.payload = payload
         self.pacer = pacer
-        self.registrar.minExpires = new.minExpires
-        self.registrar.natTests = frozenset(new.natDetect)
-        self.registrar.sipTrace = new.sipTrace
-        sender = self.sender
-        running = sender.running
-        if running:
-            sender.stopService()
-        sender.payload, sender.pacer, sender.expiry = payload, pacer, expiry
-        sender.period = new.period
-        sender.sendInterval = new.sendInterval / 1000
-        sender.sendOneTime = new.sendOneTime
-        sender.batches = new.batchesPerCycle
-        sender.pingAll = new.pingAll
+        for name, value in _registrarOptions(new).items():
+            setattr(self.registrar, name, value)
         log.info(
             "Reloaded settings: period {period} s, interval {interval} ms, {oneTime} "
             "per batch, payload {payload}, pacing {pacing}, expiry {expiry}; "
@@ -336,8 +352,7 @@ class NatkeepService(MultiService):
             expiry=new.expiry,
             bindings=len(self.table),
         )
-        if running:
-            sender.startService()
+        self.sender.reconfigure(payload, pacer, expiry, **_senderTiming(new))
         return True
 
     def _installReloadSignal(self) -> None:
