@@ -126,6 +126,36 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
         )
 
 
+def startMeter(
+    devices: int, start: float, end: float, period: float, report: str
+) -> subprocess.Popen[bytes]:
+    """
+    Run L{meter} in a process of its own (on core 1) and wait until it
+    listens; it writes its figures to C{report} after C{end}.
+    """
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--devices",
+            str(devices),
+            "--meter",
+            str(start),
+            str(end),
+            str(period),
+            report,
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not os.path.exists(report + ".ready"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit("the meter did not start")
+        time.sleep(0.01)
+    return process
+
+
 def bareLoopFloor(devices: int, passes: int) -> float:
     """
     CPU microseconds per datagram of a bare Python sendto loop.
@@ -174,25 +204,7 @@ def main() -> None:
     start = began + warmup + 3
     end = start + window
     report = os.path.join(workdir, "meter.json")
-    meterProcess = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--devices",
-            str(devices),
-            "--meter",
-            str(start),
-            str(end),
-            str(PERIOD),
-            report,
-        ],
-        stdin=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while not os.path.exists(report + ".ready"):
-        if meterProcess.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the meter did not start")
-        time.sleep(0.01)
+    meterProcess = startMeter(devices, start, end, PERIOD, report)
     floor = bareLoopFloor(devices, passes=max(1, 300000 // devices))
     natkeep = Natkeep(
         workdir,

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import Natkeep, fillStore, freePort  # noqa: E402
+from heartbeat import startMeter  # noqa: E402
 
 
 def main() -> None:
@@ -42,25 +42,7 @@ def main() -> None:
     report = os.path.join(workdir, "meter.json")
     began = time.monotonic()
     end = began + 5 + 2 * period
-    meter = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(os.path.dirname(__file__), "heartbeat.py"),
-            "--devices",
-            str(devices),
-            "--meter",
-            str(began),
-            str(end),
-            str(period),
-            report,
-        ],
-        stdin=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while not os.path.exists(report + ".ready"):
-        if meter.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the meter did not start")
-        time.sleep(0.01)
+    meter = startMeter(devices, began, end, period, report)
     started = time.monotonic()
     natkeep = Natkeep(
         workdir,
