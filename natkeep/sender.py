@@ -85,14 +85,16 @@ class HeartbeatSender(Service):
     ) -> None:
         self.table = table
         self.clock = clock
-        self.payload = payload
-        self.pacer = pacer
-        self.expiry = expiry
-        self.period = period
-        self.sendInterval = sendInterval
-        self.sendOneTime = sendOneTime
-        self.batches = batches
-        self.pingAll = pingAll
+        self.reconfigure(
+            payload,
+            pacer,
+            expiry,
+            period=period,
+            sendInterval=sendInterval,
+            sendOneTime=sendOneTime,
+            batches=batches,
+            pingAll=pingAll,
+        )
         self.stats: Counter[str] = Counter() if stats is None else stats
         self.removeBinding = removeBinding or table.remove
         self.lastCycle: Optional[CycleReport] = None
@@ -120,7 +122,9 @@ class HeartbeatSender(Service):
         running = self.running
         if running:
             self.stopService()
-        self.payload, self.pacer, self.expiry = payload, pacer, expiry
+        self.payload: IPayload = payload
+        self.pacer: IPacer = pacer
+        self.expiry: IExpiryPolicy = expiry
         self.period = period
         self.sendInterval = sendInterval
         self.sendOneTime = sendOneTime
