@@ -24,16 +24,16 @@ TWISTD = [
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-#: Linux's SO_RCVBUFFORCE (not exported by Python's socket module): as root
-#: it passes net.core.rmem_max, so a meter can queue whole bursts.
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-
-
 def bigReceiveBuffer(s: socket.socket, size: int) -> None:
     """
-    Give C{s} a receive buffer of C{size} bytes, past rmem_max when root.
+    Give C{s} a receive buffer of C{size} bytes, past rmem_max when root,
+    so that a meter can queue whole bursts.
     """
+    from natkeep.service import SO_RCVBUFFORCE
+
     for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        if option is None:
+            continue
         try:
             s.setsockopt(socket.SOL_SOCKET, option, size)
             return
