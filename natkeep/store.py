@@ -20,7 +20,9 @@ from zope.interface import implementer
 from natkeep.bindings import Binding
 from natkeep.interfaces import IBindingStore
 
-SCHEMA_VERSION = 1
+#: 2: no index on expires_at.  Every write paid for it, and only a restart
+#: read it; version 1 files lose it when opened.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bindings (
@@ -36,7 +38,7 @@ CREATE TABLE IF NOT EXISTS bindings (
     cseq INTEGER NOT NULL,
     PRIMARY KEY (aor, uri)
 );
-CREATE INDEX IF NOT EXISTS bindings_expiry ON bindings (expires_at);
+DROP INDEX IF EXISTS bindings_expiry;
 """
 
 _UPSERT = """

@@ -150,6 +150,26 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.assertIn("newer", str(error))
         self.store = SQLiteStore(self.mktemp())
 
+    def test_upgradeFromVersion1(self) -> None:
+        """
+        A version 1 file, which indexed C{expires_at}, opens with its
+        bindings intact, without that index, at the current version.
+        """
+        self.store.put(binding(1))
+        self.store.commit()
+        self.store.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute("CREATE INDEX bindings_expiry ON bindings (expires_at)")
+            db.execute("PRAGMA user_version=1")
+        store = self.reopen()
+        self.assertEqual([r.aor for r in store.load(0.0)], ["sip:1@example.com"])
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+            indexes = db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'bindings'"
+            ).fetchall()
+        self.assertNotIn(("bindings_expiry",), indexes)
+
     def test_corrupt(self) -> None:
         """
         A file that is not a database is an error naming the file.
