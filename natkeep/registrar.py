@@ -60,6 +60,43 @@ _SENT_KEYS: dict[int, str] = {}
 _TRAILER = f"Server: {SERVER}\r\nContent-Length: 0\r\n\r\n"
 
 
+#: Via parameters a response fills in (RFC 3581 §4).
+_FILLED = ("rport", "received")
+_RECEIVED = ("received",)
+
+
+def _tagged(to: str, callId: Optional[str], cseq: Optional[str]) -> str:
+    """
+    The To value of a response: the request's, with a tag added when it
+    has none.
+    """
+    # Header parameters follow the closing bracket (or the whole value
+    # in the addr-spec form, whose URI cannot hold ';').
+    params = to[to.rfind(">") + 1 :]
+    if "=" in params and ";tag=" in params.lower().replace(" ", ""):
+        return to
+    # Deterministic, so a retransmission gets the same tag.
+    return f"{to};tag={zlib.crc32(f'{callId}|{cseq}'.encode()):08x}"
+
+
+def _copiedHeaders(fields: dict[str, list[str]]) -> str:
+    """
+    From, To, Call-ID and CSeq as a response copies them, leaving out any
+    the request lacks.
+    """
+    callId = fields["call-id"][0] if "call-id" in fields else None
+    cseq = fields["cseq"][0] if "cseq" in fields else None
+    lines = []
+    for name, title in _COPIED:
+        values = fields.get(name)
+        if values:
+            value = values[0]
+            if name == "to":
+                value = _tagged(value, callId, cseq)
+            lines.append(f"{title}: {value}\r\n")
+    return "".join(lines)
+
+
 class _Unanswerable(Exception):
     """
     A request so broken that no response can be addressed: dropped.
@@ -197,10 +234,14 @@ class Registrar:
             self.stats["requests.ACK"] += 1
             return
         via = self._topVia(request)
-        for name in ("from", "to", "call-id", "cseq"):
-            if not request.headers.get(name):
-                raise SIPError(f"Missing {name.title()} Header")
-        number, cseqMethod = parseCSeq(request.headers["cseq"][0])
+        headers = request.headers
+        if not (
+            "from" in headers and "to" in headers and "call-id" in headers and "cseq" in headers
+        ):
+            for name in ("from", "to", "call-id", "cseq"):
+                if name not in headers:
+                    raise SIPError(f"Missing {name.title()} Header")
+        number, cseqMethod = parseCSeq(headers["cseq"][0])
         if cseqMethod != method:
             raise SIPError("CSeq Method Mismatch")
         if method == "REGISTER":
@@ -215,7 +256,7 @@ class Registrar:
                 listener,
                 200,
                 "OK",
-                [("Allow", ALLOW), ("Accept", "application/sdp")],
+                f"Allow: {ALLOW}\r\nAccept: application/sdp\r\n",
             )
         else:
             self.stats["requests.other"] += 1
@@ -226,7 +267,7 @@ class Registrar:
                 listener,
                 405,
                 "Method Not Allowed",
-                [("Allow", ALLOW)],
+                f"Allow: {ALLOW}\r\n",
             )
 
     # REGISTER (RFC 3261 §10.3)
@@ -250,7 +291,7 @@ class Registrar:
                 listener,
                 420,
                 "Bad Extension",
-                [("Unsupported", unsupported)],
+                f"Unsupported: {unsupported}\r\n",
             )
             return
         to = parseNameAddr(request.headers["to"][0])
@@ -262,7 +303,8 @@ class Registrar:
         if not callId:
             raise SIPError("Invalid Call-ID")
         defaultExpires = DEFAULT_EXPIRES
-        expiresHeader = request.header("expires")
+        expiresValues = request.headers.get("expires")
+        expiresHeader = expiresValues[0] if expiresValues else None
         if expiresHeader is not None:
             try:
                 defaultExpires = parseDeltaSeconds(expiresHeader)
@@ -308,7 +350,7 @@ class Registrar:
                     listener,
                     423,
                     "Interval Too Brief",
-                    [("Min-Expires", str(self.minExpires))],
+                    f"Min-Expires: {self.minExpires}\r\n",
                 )
                 return
             existing = self.table.get(aor, contact.uri)
@@ -380,16 +422,16 @@ class Registrar:
         listener: IListener,
         now: float,
     ) -> None:
-        headers = [
-            (
-                "Contact",
-                f"<{b.uri}>{b.params};expires={max(1, math.ceil(b.expiresAt - now))}",
-            )
-            for b in self.table.lookup(aor)
-            if b.expiresAt > now
-        ]
-        headers.append(("Date", self._httpDate(now)))
-        self._respond(request, via, source, listener, 200, "OK", headers)
+        contacts = "".join(
+            [
+                f"Contact: <{b.uri}>{b.params};expires={max(1, math.ceil(b.expiresAt - now))}\r\n"
+                for b in self.table.lookup(aor)
+                if b.expiresAt > now
+            ]
+        )
+        self._respond(
+            request, via, source, listener, 200, "OK", f"{contacts}Date: {self._httpDate(now)}\r\n"
+        )
 
     # NAT detection
 
@@ -422,47 +464,42 @@ class Registrar:
         listener: IListener,
         code: int,
         reason: str,
-        extra: Iterable[tuple[str, str]] = (),
+        extra: str = "",
     ) -> None:
-        host, port = source[0], source[1]
-        params = via.params
+        """
+        Answer C{request}.
+
+        @param extra: header lines to add, each ending in CRLF.
+        """
+        host = source[0]
         if via.hasParam("rport"):
             # RFC 3581 §4: fill rport, and always add received with it.
-            params = [(k, v) for k, v in params if k not in ("rport", "received")]
-            params += [("received", host), ("rport", str(port))]
+            top = via.render(_FILLED, f";received={host};rport={source[1]}")
         elif via.host != host:
-            params = [(k, v) for k, v in params if k != "received"]
-            params.append(("received", host))
-        top = Via(via.protocol, via.host, via.port, params)
+            top = via.render(_RECEIVED, f";received={host}")
+        else:
+            top = via.render()
         fields = request.headers
-        # One pass of string building: this runs for every request.
-        lines = [f"SIP/2.0 {code} {reason}\r\nVia: {top.render()}\r\n"]
-        vias = splitValues(fields["via"])
-        if len(vias) > 1:
-            lines.extend([f"Via: {value}\r\n" for value in vias[1:]])
-        for name, title in _COPIED:
-            values = fields.get(name)
-            if values:
-                value = values[0]
-                if name == "to":
-                    value = self._tagged(value, request)
-                lines.append(f"{title}: {value}\r\n")
-        lines.extend([f"{name}: {value}\r\n" for name, value in extra])
-        lines.append(_TRAILER)
+        vias = fields["via"]
+        others = ""
+        if len(vias) > 1 or "," in vias[0]:
+            others = "".join([f"Via: {value}\r\n" for value in splitValues(vias)[1:]])
+        try:
+            # One string build for the usual case, where all are present.
+            callId = fields["call-id"][0]
+            cseq = fields["cseq"][0]
+            copied = (
+                f"From: {fields['from'][0]}\r\nTo: {_tagged(fields['to'][0], callId, cseq)}\r\n"
+                f"Call-ID: {callId}\r\nCSeq: {cseq}\r\n"
+            )
+        except KeyError:
+            copied = _copiedHeaders(fields)
         key = _SENT_KEYS.get(code)
         if key is None:
             key = _SENT_KEYS[code] = f"responses.sent.{code}"
         self.stats[key] += 1
-        self._send(listener, "".join(lines).encode("utf-8"), source)
-
-    def _tagged(self, to: str, request: Request) -> str:
-        # Header parameters follow the closing bracket (or the whole value
-        # in the addr-spec form, whose URI cannot hold ';').
-        if ";tag=" in to.rpartition(">")[2].lower().replace(" ", ""):
-            return to
-        # Deterministic, so a retransmission gets the same tag.
-        seed = f"{request.header('call-id')}|{request.header('cseq')}"
-        return f"{to};tag={zlib.crc32(seed.encode()):08x}"
+        text = f"SIP/2.0 {code} {reason}\r\nVia: {top}\r\n{others}{copied}{extra}{_TRAILER}"
+        self._send(listener, text.encode("utf-8"), source)
 
     def _httpDate(self, now: float) -> str:
         second = int(now)

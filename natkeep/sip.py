@@ -152,37 +152,24 @@ def parseMessage(data: bytes) -> Message:
         lines = text.split("\n")
     if len(lines) > MAX_HEADER_LINES:
         raise SIPError("Too Many Header Lines", 513)
+    if "\n " in text or "\n\t" in text:
+        lines = _unfold(lines)
     first = lines[0]
     headers: dict[str, list[str]] = {}
-    current: Optional[list[str]] = None
     canonical = _CANONICAL
     for line in lines[1:]:
-        if not line:
-            raise SIPError("Malformed Header Line")
-        if line[0] in " \t":
-            # RFC 3261 §7.3.1 line folding: continue the previous value.
-            if current is None:
-                raise SIPError("Malformed Header Folding")
-            current[-1] = current[-1] + " " + line.strip()
-            continue
         raw, sep, value = line.partition(":")
         if not sep:
             raise SIPError("Malformed Header Line")
         try:
             name = canonical[raw]
         except KeyError:
-            name = raw.strip().lower()
-            if not name:
-                raise SIPError("Malformed Header Line")
-            name = COMPACT_FORMS.get(name, name)
-            if len(canonical) < _CANONICAL_LIMIT:
-                canonical[raw] = name
-        value = value.strip()
-        if name in headers:
-            current = headers[name]
-            current.append(value)
+            name = _headerName(raw)
+        values = headers.get(name)
+        if values is None:
+            headers[name] = [value.strip()]
         else:
-            current = headers[name] = [value]
+            values.append(value.strip())
     message: Message
     if first.startswith(_STATUS_LINE_PREFIX):
         parts = first.split(" ", 2)
@@ -208,6 +195,36 @@ def parseMessage(data: bytes) -> Message:
         e.partial = message
         raise
     return message
+
+
+def _unfold(lines: list[str]) -> list[str]:
+    """
+    Join folded header lines (RFC 3261 §7.3.1: a line starting with white
+    space continues the previous one) with a single space.
+    """
+    unfolded = [lines[0]]
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            if len(unfolded) < 2:
+                raise SIPError("Malformed Header Folding")
+            unfolded[-1] = unfolded[-1].rstrip() + " " + line.strip()
+        else:
+            unfolded.append(line)
+    return unfolded
+
+
+def _headerName(raw: str) -> str:
+    """
+    The lower-case full name of a header written as C{raw}, remembered for
+    the next message.
+    """
+    name = raw.strip().lower()
+    if not name:
+        raise SIPError("Malformed Header Line")
+    name = COMPACT_FORMS.get(name, name)
+    if len(_CANONICAL) < _CANONICAL_LIMIT:
+        _CANONICAL[raw] = name
+    return name
 
 
 def _checkBody(headers: dict[str, list[str]], body: bytes) -> bytes:
@@ -289,6 +306,8 @@ def renderParams(params: Iterable[tuple[str, Optional[str]]], skip: Container[st
     """
     Render parameters back as C{;name=value;flag}, leaving out C{skip}.
     """
+    if not params:
+        return ""
     return "".join(
         [
             f";{key}" if value is None else f";{key}={value}"
@@ -341,12 +360,15 @@ def splitHostPort(text: str) -> tuple[str, Optional[int]]:
 class Via:
     """
     One Via field value (RFC 3261 §20.42).
+
+    @ivar sentBy: the host and port as written, for echoing back.
     """
 
     protocol: str
     host: str
     port: Optional[int]
     params: list[tuple[str, Optional[str]]]
+    sentBy: str
 
     def param(self, name: str) -> Optional[str]:
         for key, value in self.params:
@@ -360,10 +382,12 @@ class Via:
                 return True
         return False
 
-    def render(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        sentBy = host if self.port is None else f"{host}:{self.port}"
-        return f"{self.protocol} {sentBy}{renderParams(self.params)}"
+    def render(self, skip: Container[str] = (), add: str = "") -> str:
+        """
+        The value as parsed, leaving out the parameters named in C{skip}
+        and ending with C{add} (rendered parameters).
+        """
+        return f"{self.protocol} {self.sentBy}{renderParams(self.params, skip)}{add}"
 
 
 def parseVia(value: str) -> Via:
@@ -377,11 +401,12 @@ def parseVia(value: str) -> Via:
     if not protocol.upper().startswith("SIP/2.0/") or not rest:
         raise SIPError("Malformed Via")
     sentBy, _, paramText = rest.partition(";")
+    sentBy = sentBy.strip()
     try:
-        host, port = splitHostPort(sentBy.strip())
+        host, port = splitHostPort(sentBy)
     except ValueError:
         raise SIPError("Malformed Via")
-    return Via(protocol, host, port, parseParams(paramText))
+    return Via(protocol, host, port, parseParams(paramText), sentBy)
 
 
 class URI(NamedTuple):
@@ -423,15 +448,19 @@ def parseURI(text: str) -> URI:
     if not sep or scheme not in ("sip", "sips"):
         raise SIPError("Unsupported URI Scheme")
     # Headers after '?', then parameters after ';' of the host part.
-    rest = rest.partition("?")[0]
+    if "?" in rest:
+        rest = rest.partition("?")[0]
     user: Optional[str] = None
     at = rest.rfind("@")
     if at >= 0:
-        user = rest[:at].partition(":")[0]
+        user = rest[:at]
+        if ":" in user:
+            user = user.partition(":")[0]
         rest = rest[at + 1 :]
-    hostPort = rest.partition(";")[0]
+    if ";" in rest:
+        rest = rest.partition(";")[0]
     try:
-        host, port = splitHostPort(hostPort)
+        host, port = splitHostPort(rest)
     except ValueError:
         raise SIPError("Malformed URI")
     return URI(text, scheme, user, host, port)
@@ -469,19 +498,21 @@ def parseNameAddr(value: str) -> NameAddr:
         gt = value.find(">", lt)
         if gt < 0:
             raise SIPError("Unclosed Angle Bracket")
-        display = value[:lt].strip()
+        display = value[:lt].strip() if lt else ""
         uri = value[lt + 1 : gt].strip()
-        rest = value[gt + 1 :].strip()
-        if rest and not rest.startswith(";"):
-            raise SIPError("Junk After Address")
-        paramText = rest[1:]
+        paramText = value[gt + 1 :]
+        if paramText:
+            paramText = paramText.strip()
+            if paramText and not paramText.startswith(";"):
+                raise SIPError("Junk After Address")
+            paramText = paramText[1:]
     else:
         display = ""
         uri, _, paramText = value.partition(";")
         uri = uri.strip()
     if not uri:
         raise SIPError("Empty Address")
-    return NameAddr(display, uri, tuple(parseParams(paramText)))
+    return NameAddr(display, uri, tuple(parseParams(paramText)) if paramText else ())
 
 
 def parseDeltaSeconds(text: str) -> int:
