@@ -280,7 +280,8 @@ class Registrar:
         source: tuple[str, int],
         listener: IListener,
     ) -> None:
-        require = request.headers.get("require")
+        headers = request.headers
+        require = headers.get("require")
         if require:
             # RFC 3261 §8.2.2.3: no extension is supported here.
             unsupported = ", ".join(splitCommas(require))
@@ -294,16 +295,16 @@ class Registrar:
                 f"Unsupported: {unsupported}\r\n",
             )
             return
-        to = parseNameAddr(request.headers["to"][0])
+        to = parseNameAddr(headers["to"][0])
         try:
             aor = parseURI(to.uri).addressOfRecord()
         except SIPError:
             raise SIPError("Invalid To URI")
-        callId = request.headers["call-id"][0]
+        callId = headers["call-id"][0]
         if not callId:
             raise SIPError("Invalid Call-ID")
         defaultExpires = DEFAULT_EXPIRES
-        expiresValues = request.headers.get("expires")
+        expiresValues = headers.get("expires")
         expiresHeader = expiresValues[0] if expiresValues else None
         if expiresHeader is not None:
             try:
@@ -311,7 +312,7 @@ class Registrar:
             except ValueError:
                 raise SIPError("Invalid Expires")
         now = self.clock.seconds()
-        contactValues = request.headers.get("contact")
+        contactValues = headers.get("contact")
         if not contactValues:
             self._registered(request, via, aor, source, listener, now)
             return
@@ -336,7 +337,7 @@ class Registrar:
             except SIPError:
                 raise SIPError("Invalid Contact URI")
             expires = defaultExpires
-            param = contact.param("expires")
+            param = contact.param("expires") if contact.params else None
             if param is not None:
                 try:
                     expires = parseDeltaSeconds(param)

@@ -52,6 +52,12 @@ _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 
 _STATUS_LINE_PREFIX = "SIP/2.0 "
 
+#: Methods known to be tokens, spared the pattern match.
+_METHODS = frozenset(
+    ["REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "SUBSCRIBE", "NOTIFY"]
+    + ["MESSAGE", "INFO", "PRACK", "UPDATE", "REFER", "PUBLISH"]
+)
+
 #: Header names as written mapped to their canonical form; phones repeat
 #: the same few spellings, so this saves a strip and lower per line.
 _CANONICAL: dict[str, str] = {}
@@ -165,11 +171,10 @@ def parseMessage(data: bytes) -> Message:
             name = canonical[raw]
         except KeyError:
             name = _headerName(raw)
-        values = headers.get(name)
-        if values is None:
-            headers[name] = [value.strip()]
+        if name in headers:
+            headers[name].append(value.strip())
         else:
-            values.append(value.strip())
+            headers[name] = [value.strip()]
     message: Message
     if first.startswith(_STATUS_LINE_PREFIX):
         parts = first.split(" ", 2)
@@ -185,7 +190,7 @@ def parseMessage(data: bytes) -> Message:
         if len(parts) != 3 or parts[2].upper() != "SIP/2.0":
             raise SIPError("Malformed Request Line")
         method = parts[0]
-        if not _TOKEN.match(method):
+        if method not in _METHODS and not _TOKEN.match(method):
             raise SIPError("Malformed Request Line")
         message = Request(method, parts[1], headers, body)
     try:
