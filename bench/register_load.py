@@ -127,13 +127,28 @@ def main() -> None:
     parser.add_argument(
         "--db", default="natkeep.sqlite", help="the store file; :memory: for no disk store"
     )
+    parser.add_argument(
+        "--read-pause", default="1", help="natkeep's read_pause in ms (its default is 1)"
+    )
     args = parser.parse_args()
     maximum = min(args.max, 50000)
     seconds = min(args.seconds, 10.0)
     pin(1)
     workdir = tempfile.mkdtemp(prefix="natkeep-bench-")
     port = freePort()
-    natkeep = Natkeep(workdir, ["--listen", f"127.0.0.1:{port}", "--db", args.db, "--period", "30"])
+    natkeep = Natkeep(
+        workdir,
+        [
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--db",
+            args.db,
+            "--period",
+            "30",
+            "--read-pause",
+            args.read_pause,
+        ],
+    )
     results = []
     best = None
     try:

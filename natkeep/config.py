@@ -239,6 +239,16 @@ PARAMETERS: tuple[Parameter, ...] = (
         "Shortest registration accepted; shorter gets 423.",
     ),
     Parameter(
+        "read_pause",
+        "read-pause",
+        "readPause",
+        1,
+        _integer(0, 100),
+        "0..100 ms",
+        "After a read that empties a socket, wait this long before reading it again, "
+        "so that a busy socket is read in batches; 0 reads at once.",
+    ),
+    Parameter(
         "listen",
         "listen",
         "listen",
@@ -369,6 +379,7 @@ class Settings:
     endpointExpire: int = 3600
     endpointNatExpire: int = 300
     minExpires: int = 60
+    readPause: int = 1
     listen: tuple[str, ...] = ("0.0.0.0:5060",)
     db: str = "natkeep.sqlite"
     status: Optional[str] = None

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -59,10 +59,17 @@ class ListenerService(Service):
     @ivar listeners: the L{RegistrarProtocol} of each listening address.
     """
 
-    def __init__(self, registrar: Registrar, addresses: tuple[str, ...], reactor: Any) -> None:
+    def __init__(
+        self,
+        registrar: Registrar,
+        addresses: tuple[str, ...],
+        reactor: Any,
+        readPause: float = 0.0,
+    ) -> None:
         self.registrar = registrar
         self.addresses = addresses
         self.reactor = reactor
+        self.readPause = readPause
         self.listeners: dict[str, RegistrarProtocol] = {}
         self._ports: list[Any] = []
 
@@ -78,7 +85,7 @@ class ListenerService(Service):
     def _bind(self) -> None:
         for address in self.addresses:
             host, port = parseListenAddress(address)
-            protocol = RegistrarProtocol(self.registrar, address)
+            protocol = RegistrarProtocol(self.registrar, address, self.readPause)
             try:
                 listening = self.reactor.listenUDP(
                     port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM
@@ -93,9 +100,9 @@ class ListenerService(Service):
     def stopService(self) -> Any:
         super().stopService()
         ports, self._ports = self._ports, []
-        for port in ports:
-            port.stopListening()
+        closed = [defer.maybeDeferred(port.stopListening) for port in ports]
         self.listeners.clear()
+        return defer.gatherResults(closed)
 
 
 def _tuneSocket(port: Any) -> None:
@@ -290,7 +297,9 @@ class NatkeepService(MultiService):
             stats=self.stats,
             **_registrarOptions(settings),
         )
-        self.listeners = ListenerService(self.registrar, settings.listen, reactor)
+        self.listeners = ListenerService(
+            self.registrar, settings.listen, reactor, settings.readPause / 1000
+        )
         self.listeners.setServiceParent(self)
         RestoreService(self.store, self.table, self.listeners, reactor).setServiceParent(self)
         SweepService(self.table, self.store, reactor).setServiceParent(self)
@@ -340,6 +349,9 @@ class NatkeepService(MultiService):
         self.pacer = pacer
         for name, value in _registrarOptions(new).items():
             setattr(self.registrar, name, value)
+        self.listeners.readPause = new.readPause / 1000
+        for protocol in self.listeners.listeners.values():
+            protocol.readPause = self.listeners.readPause
         log.info(
             "Reloaded settings: period {period} s, interval {interval} ms, {oneTime} "
             "per batch, payload {payload}, pacing {pacing}, expiry {expiry}; "
@@ -381,10 +393,11 @@ class NatkeepService(MultiService):
         super().startService()
 
     def stopService(self) -> Any:
+        # Answers held for this turn's commit leave while the sockets are open.
+        self.registrar.flush()
         d = super().stopService()
 
         def close(result: Any) -> Any:
-            self.registrar.flush()
             self.store.close()
             return result
 

@@ -75,6 +75,7 @@ class SettingsTests(SynchronousTestCase):
             ("SS_ENDPOINT_EXPIRE", 60, 86400),
             ("SS_ENDPOINT_NAT_EXPIRE", 60, 86400),
             ("liveness_misses", 1, 100),
+            ("read_pause", 0, 100),
         ]:
             buildSettings({key: str(low)}, {})
             buildSettings({key: str(high)}, {})

@@ -4,7 +4,7 @@ The registrar and sender over real UDP sockets on loopback.
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from natkeep.config import Settings
@@ -26,6 +26,9 @@ class ServiceTestCase(TestCase):
         port = freePort(host=self.host) if ":" not in self.host else freePort(10, self.host)
         address = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         self.server = (self.host, port)
+        # Time is the test's clock, so a read pause would last until the
+        # test advanced it; only the tests of that pause ask for one.
+        kw.setdefault("readPause", 0)
         settings = Settings(listen=(address,), db=self.mktemp(), **kw)  # type: ignore[arg-type]
         self.reactor = ClockedUDPReactor()
         self.reactor.clock.advance(1_000_000)
@@ -79,6 +82,86 @@ class RegistrarUDPTests(ServiceTestCase):
         response = yield self.registerDevice(device, "2002")
         self.assertEqual(response.code, 200)
         self.assertEqual(service.stats["dropped.malformed"], 1)
+
+
+class ReadPauseTests(ServiceTestCase):
+    """
+    After a turn that empties the socket, reading waits C{read_pause}.
+    """
+
+    def quiet(self) -> defer.Deferred[None]:
+        # Real time for a datagram to cross loopback, if anything reads it.
+        return task.deferLater(reactor, 0.3, lambda: None)
+
+    def resumeCalls(self, service: NatkeepService) -> list[object]:
+        [protocol] = service.listeners.listeners.values()
+        return [
+            call
+            for call in self.reactor.clock.getDelayedCalls()
+            if call.active() and call.func == protocol._resume
+        ]
+
+    @defer.inlineCallbacks
+    def test_pausedUntilDue(self):  # type: ignore[no-untyped-def]
+        """
+        A datagram arriving during the pause waits in the socket until the
+        pause is over, then is answered.
+        """
+        self.startService(readPause=50)
+        device = startDevice(self)
+        response = yield self.registerDevice(device, "3001")
+        self.assertEqual(response.code, 200)
+        device.transport.write(register(user="3002"), self.server)
+        yield self.quiet()
+        self.assertEqual(device.received, [])
+        self.reactor.clock.advance(0.049)
+        yield self.quiet()
+        self.assertEqual(device.received, [])
+        self.reactor.clock.advance(0.001)
+        data, _ = yield device.next()
+        self.assertIn(b"3002", data)
+
+    @defer.inlineCallbacks
+    def test_noPause(self):  # type: ignore[no-untyped-def]
+        """
+        With C{read_pause} 0 every datagram is read at once.
+        """
+        service = self.startService(readPause=0)
+        device = startDevice(self)
+        for user in ("3003", "3004", "3005"):
+            response = yield self.registerDevice(device, user)
+            self.assertEqual(response.code, 200)
+        self.assertEqual(self.resumeCalls(service), [])
+
+    @defer.inlineCallbacks
+    def test_backlogReadOnAtOnce(self):  # type: ignore[no-untyped-def]
+        """
+        A turn that stopped on the transport's read limit left datagrams
+        waiting: no pause follows it.
+        """
+        service = self.startService(readPause=50)
+        [port] = service.listeners._ports
+        port.maxThroughput = 1
+        device = startDevice(self)
+        for user in ("3006", "3007"):
+            response = yield self.registerDevice(device, user)
+            self.assertEqual(response.code, 200)
+        self.assertEqual(self.resumeCalls(service), [])
+
+    @defer.inlineCallbacks
+    def test_stopCancelsPause(self):  # type: ignore[no-untyped-def]
+        """
+        Stopping the service cancels a pending resume, which would read from
+        a closed socket.
+        """
+        service = self.startService(readPause=50)
+        device = startDevice(self)
+        yield self.registerDevice(device, "3008")
+        self.assertEqual(len(self.resumeCalls(service)), 1)
+        [protocol] = service.listeners.listeners.values()
+        resume = protocol._resumeCall
+        yield service.stopService()
+        self.assertFalse(resume.active())
 
 
 class IPv6Tests(ServiceTestCase):
