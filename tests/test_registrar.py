@@ -98,6 +98,37 @@ class RegisterTests(RegistrarTestCase):
         self.assertTrue(to.param("tag"))
         self.assertIsNotNone(response.header("date"))
 
+    def test_toTag(self) -> None:
+        """
+        The To tag added is the same for a retransmission and differs for
+        the next CSeq; a To that carries a tag is copied as it is.
+        """
+        tags = []
+        for cseq in (1, 1, 2):
+            response = self.send(register(cseq=cseq))
+            assert response is not None
+            tags.append(parseNameAddr(response.header("to") or "").param("tag"))
+        self.assertEqual(tags[0], tags[1])
+        self.assertNotEqual(tags[0], tags[2])
+        tagged = register(cseq=3).replace(
+            b"To: <sip:1001@example.com>", b"To: <sip:1001@example.com> ; TAG=abc"
+        )
+        response = self.send(tagged)
+        assert response is not None
+        self.assertEqual(response.header("to"), "<sip:1001@example.com> ; TAG=abc")
+
+    def test_copiesWhatIsThere(self) -> None:
+        """
+        An error response to a request missing one of From, To, Call-ID or
+        CSeq copies the others, in order.
+        """
+        response = self.send(register().replace(b"Call-ID: call-1@phone\r\n", b""))
+        assert response is not None
+        self.assertEqual(response.code, 400)
+        self.assertEqual(list(response.headers)[:4], ["via", "from", "to", "cseq"])
+        self.assertNotIn("call-id", response.headers)
+        self.assertTrue(parseNameAddr(response.header("to") or "").param("tag"))
+
     def test_receivedAndRport(self) -> None:
         """
         Via gets C{received} and C{rport} from the datagram's source
