@@ -631,3 +631,79 @@ class ProtocolTests(SynchronousTestCase):
         protocol.datagramReceived(b"x", ("127.0.0.1", 1))
         self.assertEqual(registrar.stats["internal.errors"], 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class ReadingTransport:
+    """
+    The reading side of a UDP port: whether it reads, and its per-turn
+    read limit.
+    """
+
+    maxThroughput = 256 * 1024
+    connected = True
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class ReadPauseTests(SynchronousTestCase):
+    """
+    L{RegistrarProtocol} starts a read at most every C{readPause} seconds.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        registrar = Registrar(BindingTable(), self.clock, CapExpiry(3600, 300))
+        self.protocol = RegistrarProtocol(registrar, "127.0.0.1:5060", readPause=0.001)
+        self.transport = ReadingTransport()
+        self.protocol.transport = self.transport  # type: ignore[assignment]
+
+    def test_pauseIsWhatTheTurnLeft(self) -> None:
+        """
+        The pause after a turn is C{readPause} less the time the turn took,
+        so reads start C{readPause} apart.
+        """
+        self.protocol.datagramReceived(b"\r\n\r\n", ("127.0.0.1", 1))
+        self.clock.advance(0.0004)
+        self.assertFalse(self.transport.reading)
+        self.clock.advance(0.0005)
+        self.assertFalse(self.transport.reading)
+        self.clock.advance(0.0001)
+        self.assertTrue(self.transport.reading)
+
+    def test_longTurnNoPause(self) -> None:
+        """
+        A turn that took longer than C{readPause} is followed by a read at
+        once.
+        """
+        self.protocol.datagramReceived(b"\r\n\r\n", ("127.0.0.1", 1))
+        self.clock.advance(0.002)
+        self.assertTrue(self.transport.reading)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_readLimitNoPause(self) -> None:
+        """
+        A turn that read up to the transport's limit left datagrams waiting:
+        reading goes on.
+        """
+        self.transport.maxThroughput = 8
+        self.protocol.datagramReceived(b"\r\n\r\n", ("127.0.0.1", 1))
+        self.protocol.datagramReceived(b"\r\n\r\n", ("127.0.0.1", 1))
+        self.clock.advance(0)
+        self.assertTrue(self.transport.reading)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_oneTurnOneCall(self) -> None:
+        """
+        However many datagrams a turn reads, it schedules one end-of-turn
+        call.
+        """
+        for _ in range(5):
+            self.protocol.datagramReceived(b"\r\n\r\n", ("127.0.0.1", 1))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
