@@ -280,8 +280,8 @@ class ReloadTests(ServiceTestCase):
     @defer.inlineCallbacks
     def test_reloadKeepsBindings(self):  # type: ignore[no-untyped-def]
         """
-        A reload applies new keep-alive settings and strategies, keeps every
-        binding, and the next heartbeat carries the new payload.
+        A reload applies new keep-alive settings, strategies and read pause,
+        keeps every binding, and the next heartbeat carries the new payload.
         """
         from natkeep.config import ConfigError, Settings
 
@@ -295,6 +295,7 @@ class ReloadTests(ServiceTestCase):
                 message=b"NEW",
                 period=20,
                 pacing="spread",
+                readPause=7,
             ),
         ]
 
@@ -307,6 +308,8 @@ class ReloadTests(ServiceTestCase):
         service.reloadSettings = provide
         self.assertTrue(service.reload())
         self.assertEqual((service.sender.period, service.sender.pacer.name), (20, "spread"))
+        [protocol] = service.listeners.listeners.values()
+        self.assertEqual(protocol.readPause, 0.007)
         self.assertEqual(len(service.table.lookup("sip:8001@example.com")), 1)
         data, _ = yield device.next()
         self.assertEqual(data, b"NEW")
