@@ -235,12 +235,9 @@ class Registrar:
             return
         via = self._topVia(request)
         headers = request.headers
-        if not (
-            "from" in headers and "to" in headers and "call-id" in headers and "cseq" in headers
-        ):
-            for name in ("from", "to", "call-id", "cseq"):
-                if name not in headers:
-                    raise SIPError(f"Missing {name.title()} Header")
+        for name in ("from", "to", "call-id", "cseq"):
+            if name not in headers:
+                raise SIPError(f"Missing {name.title()} Header")
         number, cseqMethod = parseCSeq(headers["cseq"][0])
         if cseqMethod != method:
             raise SIPError("CSeq Method Mismatch")
@@ -304,8 +301,7 @@ class Registrar:
         if not callId:
             raise SIPError("Invalid Call-ID")
         defaultExpires = DEFAULT_EXPIRES
-        expiresValues = headers.get("expires")
-        expiresHeader = expiresValues[0] if expiresValues else None
+        expiresHeader = request.header("expires")
         if expiresHeader is not None:
             try:
                 defaultExpires = parseDeltaSeconds(expiresHeader)
@@ -337,7 +333,7 @@ class Registrar:
             except SIPError:
                 raise SIPError("Invalid Contact URI")
             expires = defaultExpires
-            param = contact.param("expires") if contact.params else None
+            param = contact.param("expires")
             if param is not None:
                 try:
                     expires = parseDeltaSeconds(param)
@@ -565,7 +561,8 @@ class RegistrarProtocol(DatagramProtocol):
     what is left of C{readPause} after the turn's own work, so a busy
     socket is never left waiting longer than that.  A turn that stopped on
     Twisted's per-turn read limit left datagrams waiting: reading goes on
-    at once.
+    at once.  Pausing needs a transport that can stop reading (a Twisted
+    UDP port); with C{readPause} 0 any transport will do.
 
     @ivar address: the listening address as configured.
     @ivar readPause: the shortest time between the starts of two reads, in
@@ -623,18 +620,17 @@ class RegistrarProtocol(DatagramProtocol):
         self._turnCall = None
         turnBytes, self._turnBytes = self._turnBytes, 0
         transport: Any = self.transport
-        limit = getattr(transport, "maxThroughput", None)
-        if limit is not None and turnBytes >= limit:
+        if turnBytes >= transport.maxThroughput:
             # Stopped on the read limit: more is waiting.
             return
         clock = self.registrar.clock
         pause = self.readPause - (clock.seconds() - self._turnStarted)
-        if pause > 0 and self._resumeCall is None and hasattr(transport, "stopReading"):
+        if pause > 0 and self._resumeCall is None:
             transport.stopReading()
             self._resumeCall = clock.callLater(pause, self._resume)
 
     def _resume(self) -> None:
+        # Stopping the protocol cancels this call, so the port is open.
         self._resumeCall = None
         transport: Any = self.transport
-        if transport is not None and transport.connected:
-            transport.startReading()
+        transport.startReading()

@@ -97,6 +97,14 @@ class ListenerService(Service):
             self._ports.append(listening)
             log.info("Registrar listening on UDP {address}", address=address)
 
+    def setReadPause(self, seconds: float) -> None:
+        """
+        Change the read pause of every socket, and of sockets bound later.
+        """
+        self.readPause = seconds
+        for protocol in self.listeners.values():
+            protocol.readPause = seconds
+
     def stopService(self) -> Any:
         super().stopService()
         ports, self._ports = self._ports, []
@@ -349,9 +357,7 @@ class NatkeepService(MultiService):
         self.pacer = pacer
         for name, value in _registrarOptions(new).items():
             setattr(self.registrar, name, value)
-        self.listeners.readPause = new.readPause / 1000
-        for protocol in self.listeners.listeners.values():
-            protocol.readPause = self.listeners.readPause
+        self.listeners.setReadPause(new.readPause / 1000)
         log.info(
             "Reloaded settings: period {period} s, interval {interval} ms, {oneTime} "
             "per batch, payload {payload}, pacing {pacing}, expiry {expiry}; "

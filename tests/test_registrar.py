@@ -640,7 +640,6 @@ class ReadingTransport:
     """
 
     maxThroughput = 256 * 1024
-    connected = True
 
     def __init__(self) -> None:
         self.reading = True
