@@ -253,14 +253,15 @@ class SippTests(ProcessTestCase):
             raise SkipTest("sipp is not installed (Debian package sip-tester; .ci/run installs it)")
         super().setUp()
 
-    def test_registrations(self) -> None:
+    def runScenario(self, scenario: str) -> None:
         """
-        Every sipp registration is answered 200 OK, and each phone, whose
-        Via names a private address, is stored as behind NAT.
+        Run sipp C{scenario} for 300 phones against a natkeep that keeps its
+        bindings in natkeep.sqlite: every call must pass, and natkeep must
+        then stop cleanly.
         """
         process, port = self.start("--db", "natkeep.sqlite")
         result = sipp(
-            "register.xml",
+            scenario,
             f"127.0.0.1:{port}",
             calls=300,
             rate=300,
@@ -270,6 +271,13 @@ class SippTests(ProcessTestCase):
         self.assertEqual(sippCounts(result.stdout), (300, 0), result.stdout[-2000:])
         self.assertEqual(result.returncode, 0)
         self.assertTrue(stoppedCleanly(process), process.log()[-2000:])
+
+    def test_registrations(self) -> None:
+        """
+        Every sipp registration is answered 200 OK, and each phone, whose
+        Via names a private address, is stored as behind NAT.
+        """
+        self.runScenario("register.xml")
         with sqlite3.connect(self.cwd.child("natkeep.sqlite").path) as db:
             rows = db.execute(
                 "SELECT count(*), sum(nat) FROM bindings WHERE aor LIKE 'sip:u%'"
@@ -283,18 +291,7 @@ class SippTests(ProcessTestCase):
         Expires 0, unregister all with *, query) with every response code
         and Contact list as expected; nothing is left registered.
         """
-        process, port = self.start("--db", "natkeep.sqlite")
-        result = sipp(
-            "lifecycle.xml",
-            f"127.0.0.1:{port}",
-            calls=300,
-            rate=300,
-            localPort=freePort(),
-            cwd=self.cwd.path,
-        )
-        self.assertEqual(sippCounts(result.stdout), (300, 0), result.stdout[-2000:])
-        self.assertEqual(result.returncode, 0)
-        self.assertTrue(stoppedCleanly(process), process.log()[-2000:])
+        self.runScenario("lifecycle.xml")
         with sqlite3.connect(self.cwd.child("natkeep.sqlite").path) as db:
             self.assertEqual(db.execute("SELECT count(*) FROM bindings").fetchone(), (0,))
 
