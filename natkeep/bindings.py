@@ -6,6 +6,9 @@ really is (the source address of its REGISTER) and which of our sockets it
 talked to.  The L{BindingTable} is the in-memory view the registrar and the
 sender share; it is the fast path, and the durable store is its shadow.
 
+A L{StoredBinding} is the same binding as a store keeps it, with its
+socket named by address; both stores and the restore convert through it.
+
 Expiry is kept on a wheel of one-second buckets rather than one timer per
 binding: a binding costs one list slot, and a sweep touches only the seconds
 that have passed.
@@ -14,11 +17,32 @@ that have passed.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import attrs
+from zope.interface import Attribute, Interface
 
-from natkeep.interfaces import IListener
+
+class IListener(Interface):
+    """
+    One listening UDP socket of natkeep: the socket a binding remembers.
+    (Re-exported by L{natkeep.interfaces}, with the other contracts.)
+    """
+
+    address = Attribute(
+        "The listening address as configured, C{host:port} (C{[v6]:port} for "
+        "IPv6).  Stored with each binding, so that a restart can find the "
+        "same socket again."
+    )
+
+    def sendto(data: bytes, address: tuple[str, int]) -> object:
+        """
+        Send one datagram from this socket.
+
+        @raise OSError: when the kernel refuses it (C{EAGAIN}, C{ENOBUFS},
+            a queued ICMP error); the caller counts it and goes on.
+        """
+
 
 #: A binding's C{expiresAt} once it has been removed: earlier than any clock,
 #: so that "still alive" is one comparison anywhere.
@@ -44,7 +68,6 @@ class Binding:
     @ivar cseq: CSeq number of that REGISTER.
     @ivar phase: a number unique within the table, stable for the binding's
         life; pacers use it to place the binding in a cycle.
-    @ivar unanswered: heartbeats sent since the device last answered one.
     """
 
     aor: str
@@ -57,13 +80,75 @@ class Binding:
     callId: str
     cseq: int
     phase: int = 0
-    unanswered: int = 0
 
-    def alive(self, now: float) -> bool:
+
+def storedRow(binding: Binding) -> tuple[str, str, str, str, int, str, bool, float, str, int]:
+    """
+    What a store keeps of C{binding}, as it is now, as a plain tuple in
+    L{StoredBinding}'s field order: the cheaper form for a store that
+    writes every row of a turn.
+    """
+    host, port = binding.source
+    return (
+        binding.aor,
+        binding.uri,
+        binding.params,
+        host,
+        port,
+        binding.listener.address,
+        binding.nat,
+        binding.expiresAt,
+        binding.callId,
+        binding.cseq,
+    )
+
+
+class StoredBinding(NamedTuple):
+    """
+    A binding as a store keeps it: the socket by its listening address, the
+    source as host and port.  The fields are a store row, in order.
+    """
+
+    aor: str
+    uri: str
+    params: str
+    host: str
+    port: int
+    listener: str
+    nat: bool
+    expiresAt: float
+    callId: str
+    cseq: int
+
+    @classmethod
+    def of(cls, binding: Binding) -> StoredBinding:
         """
-        Whether the binding is still registered at C{now}.
+        What a store keeps of C{binding}, as it is now.
         """
-        return self.expiresAt > now
+        return cls._make(storedRow(binding))
+
+    @property
+    def source(self) -> tuple[str, int]:
+        """
+        Where the device is: C{(host, port)}.
+        """
+        return (self.host, self.port)
+
+    def restore(self, listener: IListener) -> Binding:
+        """
+        The live binding again, on C{listener} (the socket of its address).
+        """
+        return Binding(
+            self.aor,
+            self.uri,
+            self.params,
+            (self.host, self.port),
+            listener,
+            bool(self.nat),
+            self.expiresAt,
+            self.callId,
+            self.cseq,
+        )
 
 
 @attrs.define(slots=True)
@@ -149,7 +234,6 @@ class BindingTable:
         binding.callId = callId
         binding.cseq = cseq
         binding.params = params
-        binding.unanswered = 0
         if math.ceil(expiresAt) != math.ceil(binding.expiresAt):
             binding.expiresAt = expiresAt
             self._schedule(binding)

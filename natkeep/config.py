@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
 
+from natkeep.nat import NAT_TESTS
 from natkeep.sip import splitHostPort
 
 
@@ -158,9 +159,6 @@ def _optionalAddress(text: str) -> Optional[str]:
         return None
     parseListenAddress(text)
     return text
-
-
-NAT_TESTS = ("via", "private", "contact")
 
 
 def _natTests(text: str) -> frozenset[str]:
@@ -366,30 +364,35 @@ def _normaliseKey(key: str) -> str:
     return key.lower().replace("-", "_")
 
 
+#: Each setting's default, declared once, in L{PARAMETERS}.
+_DEFAULTS: dict[str, Any] = {p.attribute: p.default for p in PARAMETERS}
+
+
 @attrs.frozen
 class Settings:
     """
-    Checked settings, all parameters in their final types.
+    Checked settings, all parameters in their final types; each default is
+    its L{Parameter}'s.
     """
 
-    message: bytes = b"HELLO"
-    period: int = 30
-    sendInterval: int = 500
-    sendOneTime: int = 3000
-    endpointExpire: int = 3600
-    endpointNatExpire: int = 300
-    minExpires: int = 60
-    readPause: int = 1
-    listen: tuple[str, ...] = ("0.0.0.0:5060",)
-    db: str = "natkeep.sqlite"
-    status: Optional[str] = None
-    payload: str = "raw"
-    pacing: str = "restart"
-    expiry: str = "cap"
-    livenessMisses: int = 3
-    natDetect: frozenset[str] = frozenset(NAT_TESTS)
-    pingAll: bool = False
-    sipTrace: bool = False
+    message: bytes = _DEFAULTS["message"]
+    period: int = _DEFAULTS["period"]
+    sendInterval: int = _DEFAULTS["sendInterval"]
+    sendOneTime: int = _DEFAULTS["sendOneTime"]
+    endpointExpire: int = _DEFAULTS["endpointExpire"]
+    endpointNatExpire: int = _DEFAULTS["endpointNatExpire"]
+    minExpires: int = _DEFAULTS["minExpires"]
+    readPause: int = _DEFAULTS["readPause"]
+    listen: tuple[str, ...] = _DEFAULTS["listen"]
+    db: str = _DEFAULTS["db"]
+    status: Optional[str] = _DEFAULTS["status"]
+    payload: str = _DEFAULTS["payload"]
+    pacing: str = _DEFAULTS["pacing"]
+    expiry: str = _DEFAULTS["expiry"]
+    livenessMisses: int = _DEFAULTS["livenessMisses"]
+    natDetect: frozenset[str] = _DEFAULTS["natDetect"]
+    pingAll: bool = _DEFAULTS["pingAll"]
+    sipTrace: bool = _DEFAULTS["sipTrace"]
 
     @property
     def batchesPerCycle(self) -> int:
@@ -491,12 +494,11 @@ def buildSettings(fileValues: Mapping[str, str], cliValues: Mapping[str, object]
 
 def sanityWarnings(settings: Settings, devices: Optional[int] = None) -> list[str]:
     """
-    Advice that is not an error (SPEC §2): settings that will work but are
-    likely to let NAT mappings die or devices starve.
+    Advice that is not an error: settings that will work but are likely to
+    let NAT mappings die or devices starve.  (Each strategy adds its own:
+    L{natkeep.strategies.adviceFor}.)
     """
     warnings = []
-    if not settings.message and settings.payload == "raw":
-        warnings.append("SS_SIP_NAT_KEEP_ALIVE_MESSAGE is empty: no heartbeats will be sent")
     if settings.period * 5 > settings.endpointNatExpire:
         warnings.append(
             f"SS_SIP_NAT_KEEP_ALIVE_PERIOD = {settings.period} is above "

@@ -3,10 +3,13 @@ The choices: interfaces between natkeep's rooms.
 
 Three strategy interfaces (L{IExpiryPolicy}, L{IPayload}, L{IPacer}) are
 chosen by name in config; L{IStrategyMaker} is what a plugin module offers so
-that natkeep can find and build them.  L{IListener} is a socket bindings
-remember; L{IBindingStore} is the durable shadow of the binding table.
+that natkeep can find, build and describe them.  L{IListener} is a socket
+bindings remember (it lives beside L{natkeep.bindings.Binding}, which holds
+one); L{IBindingStore} is the durable shadow of the binding table.
 
-Methods are declared without C{self}, as zope.interface wants.
+This module names value types (the binding, the parsed message, the
+settings) and no room that provides or uses these contracts.  Methods are
+declared without C{self}, as zope.interface wants.
 """
 
 from __future__ import annotations
@@ -15,33 +18,50 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
+from natkeep.bindings import IListener
+
 if TYPE_CHECKING:
-    from natkeep.bindings import Binding
+    from natkeep.bindings import Binding, StoredBinding
     from natkeep.config import Settings
-    from natkeep.sip import Response
-    from natkeep.store import StoredBinding
+    from natkeep.sip import Request, Response, Via
+
+__all__ = [
+    "IBindingStore",
+    "ICycle",
+    "IExpiryPolicy",
+    "IListener",
+    "IPacer",
+    "IPayload",
+    "ISIPController",
+    "IStrategyMaker",
+]
 
 # Signatures below are documentation for zope.interface; mypy-zope reads them.
 # mypy: disable-error-code="misc"
 
 
-class IListener(Interface):
+class ISIPController(Interface):
     """
-    One listening UDP socket of the registrar.
+    What acts on the SIP requests a listening socket receives, once the
+    wire has parsed them and found the headers every request must carry
+    (the registrar; a relay beside it).
     """
 
-    address = Attribute(
-        "The listening address as configured, C{host:port} (C{[v6]:port} for "
-        "IPv6).  Stored with each binding, so that a restart can find the "
-        "same socket again."
-    )
-
-    def sendto(data: bytes, address: tuple[str, int]) -> object:
+    def requestReceived(
+        request: Request,
+        via: Via,
+        cseq: int,
+        source: tuple[str, int],
+        listener: IListener,
+    ) -> None:
         """
-        Send one datagram from this socket.
+        Act on C{request}, which came from C{source} to C{listener}, and
+        answer it (or not, for ACK).
 
-        @raise OSError: when the kernel refuses it (C{EAGAIN}, C{ENOBUFS},
-            a queued ICMP error); the caller counts it and goes on.
+        @param via: its parsed top Via, where answers go.
+        @param cseq: its CSeq number; the CSeq method is the request's.
+        @raise natkeep.sip.SIPError: for a fault the listener should answer
+            with the error's status and reason.
         """
 
 
@@ -54,8 +74,8 @@ class IExpiryPolicy(Interface):
     name = Attribute("The name config uses to choose this policy.")
 
     tracksHeartbeats = Attribute(
-        "C{True} when L{heartbeatDue} and L{heartbeatAnswered} must be "
-        "called for every heartbeat; C{False} lets the sender skip them."
+        "C{True} when L{alive} must be asked before every heartbeat; "
+        "C{False} lets the sender skip the count of unanswered heartbeats."
     )
 
     def grant(requested: int, nat: bool) -> int:
@@ -68,17 +88,15 @@ class IExpiryPolicy(Interface):
         @return: seconds, at least 1.
         """
 
-    def heartbeatDue(binding: Binding) -> bool:
+    def alive(unanswered: int) -> bool:
         """
-        A heartbeat is about to be sent to C{binding}.
+        Whether a binding is still alive when a heartbeat is due for it.
 
-        @return: C{True} to send it; C{False} when the binding must be
-            removed instead (for example, too many went unanswered).
-        """
-
-    def heartbeatAnswered(binding: Binding) -> None:
-        """
-        The device of C{binding} answered a heartbeat.
+        @param unanswered: heartbeats sent to the binding in a row that its
+            device did not answer, counted by the sender since the last
+            answer or REGISTER.
+        @return: C{True} to send the heartbeat; C{False} when the binding
+            must be removed instead.
         """
 
 
@@ -89,10 +107,14 @@ class IPayload(Interface):
 
     name = Attribute("The name config uses to choose this payload.")
 
+    enabled = Attribute(
+        "Whether heartbeats are sent at all; C{False} is the master switch "
+        "(an empty SS_SIP_NAT_KEEP_ALIVE_MESSAGE)."
+    )
+
     fixed = Attribute(
         "The bytes every heartbeat carries when they are the same for every "
-        "binding (the sender then takes its fast path), else C{None}.  "
-        "C{b''} means heartbeats are switched off."
+        "binding (the sender then takes its fast path), else C{None}."
     )
 
     def payloadFor(binding: Binding) -> bytes:
@@ -102,10 +124,10 @@ class IPayload(Interface):
 
     def responseReceived(response: Response, source: tuple[str, int]) -> Optional[Binding]:
         """
-        A SIP response arrived at the registrar from C{source}.
+        A SIP response arrived from C{source}.
 
         @param response: a L{natkeep.sip.Response}.
-        @return: the binding whose heartbeat it answers, or C{None}.
+        @return: the live binding whose heartbeat it answers, or C{None}.
         """
 
     def cycleStarted(now: float) -> None:
@@ -173,6 +195,25 @@ class IStrategyMaker(Interface):
         Build the strategy from a L{natkeep.config.Settings}.
         """
 
+    def heartbeatSize(settings: Settings) -> Optional[int]:
+        """
+        For a payload: the bytes one heartbeat carries with C{settings}
+        (typical, where it varies), for the capacity plan; else C{None}.
+        """
+
+    def pace(settings: Settings, devices: int) -> Optional[tuple[int, str]]:
+        """
+        For a pacing: how many heartbeats one period sends to C{devices}
+        devices, and how often one device gets one, in words (for the
+        capacity plan); else C{None}.
+        """
+
+    def warnings(settings: Settings, devices: Optional[int]) -> Sequence[str]:
+        """
+        Advice (not errors) about using this strategy with C{settings} for
+        C{devices} devices (C{None} when not known).
+        """
+
 
 class IBindingStore(Interface):
     """
@@ -185,8 +226,9 @@ class IBindingStore(Interface):
 
     def load(now: float) -> Iterable[StoredBinding]:
         """
-        The stored bindings that are still alive at C{now}, as an iterable of
-        L{natkeep.store.StoredBinding}; expired ones are deleted.
+        The stored bindings that are still alive at C{now}, in the order
+        they were first stored, as L{natkeep.bindings.StoredBinding}s;
+        expired ones are deleted.
         """
 
     def put(binding: Binding) -> None:
@@ -206,12 +248,14 @@ class IBindingStore(Interface):
 
     def commit() -> None:
         """
-        Make every buffered write durable.
+        Make every buffered write durable.  When it raises, the writes stay
+        buffered for the next commit.
         """
 
-    def count() -> int:
+    def count(now: float, natOnly: bool = False) -> int:
         """
-        How many bindings are stored.
+        How many committed bindings are alive at C{now} (only those behind
+        NAT with C{natOnly}).
         """
 
     def close() -> None:

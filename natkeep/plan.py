@@ -5,51 +5,23 @@ mean for a deployment of a given size.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional, TextIO
 
-from natkeep.config import Settings, sanityWarnings
+from natkeep.config import Settings
+from natkeep.interfaces import IPacer, IPayload
 from natkeep.store import StoreError, storedCount
+from natkeep.strategies import adviceFor, chosenMakers, installedStrategies
 
 #: IPv4 + UDP headers on the wire, for the bandwidth estimate.
 UDP_OVERHEAD = 28
 
-#: The size of a typical C{options} heartbeat, for the bandwidth estimate.
-OPTIONS_SIZE = 330
-
-
-def payloadSize(settings: Settings) -> int:
-    """
-    The bytes one heartbeat carries with these settings.
-    """
-    if settings.payload == "crlf":
-        return 4
-    if settings.payload == "options":
-        return OPTIONS_SIZE
-    return len(settings.message)
-
-
-def deviceInterval(settings: Settings, pacing: str, devices: int) -> str:
-    """
-    How often one device gets a heartbeat under C{pacing}, in words.
-    """
-    period, capacity = settings.period, settings.capacity
-    if devices <= capacity or pacing == "spread":
-        return f"every {period} s"
-    if pacing == "restart":
-        return (
-            f"every {period} s for the first {capacity} devices; "
-            f"never for the other {devices - capacity}"
-        )
-    if pacing == "resume":
-        return f"at least every {period * math.ceil(devices / capacity)} s"
-    return "depends on the strategy"
-
 
 def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
     """
-    Write the capacity plan to C{out}.
+    Write the capacity plan to C{out}.  The chosen payload gives the size
+    of a heartbeat, and every installed pacing how often it reaches a
+    device.
 
     @param devices: the C{--devices} value; when L{None}, the NATed bindings
         in the store are counted.
@@ -68,11 +40,12 @@ def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
             source = f"store {settings.db}"
     else:
         count = int(devices)
-    size = payloadSize(settings)
+    chosen = chosenMakers(settings)
+    size = chosen[IPayload].heartbeatSize(settings) or 0
+    paced = chosen[IPacer].pace(settings, count)
+    perPeriod = count if paced is None else paced[0]
+    rate = perPeriod / settings.period if size else 0.0
     batches = settings.batchesPerCycle
-    rate = count / settings.period if settings.message else 0.0
-    if settings.pacing == "restart":
-        rate = min(count, settings.capacity) / settings.period
     lines = [
         "natkeep capacity plan (config is valid)",
         f"  SS_SIP_NAT_KEEP_ALIVE_MESSAGE        {settings.message!r} ({len(settings.message)} bytes), payload {settings.payload}",
@@ -89,10 +62,12 @@ def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
         f"({size} + {UDP_OVERHEAD} bytes per heartbeat)",
         "  per-device interval:",
     ]
-    for pacing in ("restart", "resume", "spread"):
-        marker = "*" if pacing == settings.pacing else " "
-        lines.append(f"   {marker} {pacing:<8} {deviceInterval(settings, pacing, count)}")
-    warnings = sanityWarnings(settings, count)
+    for name, maker in sorted(installedStrategies(IPacer).items()):
+        marker = "*" if name == settings.pacing else " "
+        described = maker.pace(settings, count)
+        interval = "depends on the strategy" if described is None else described[1]
+        lines.append(f"   {marker} {name:<8} {interval}")
+    warnings = adviceFor(settings, count)
     for warning in warnings:
         lines.append(f"  warning: {warning}")
     if not warnings:

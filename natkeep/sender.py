@@ -7,6 +7,11 @@ milliseconds, at most C{ceil(PERIOD*1000/INTERVAL)} batches a cycle, each
 heartbeat from the socket the binding registered on to the binding's public
 source address.
 
+The sender owns the payload and expiry strategies' view of heartbeats: SIP
+responses that arrive go to it (L{HeartbeatSender.responseReceived}), it
+asks the payload which binding they answer, and it keeps each binding's
+count of unanswered heartbeats, which the expiry policy judges.
+
 Nothing escapes a tick: a send error is counted and the batch goes on, and
 any other failure is logged, because an exception out of a L{LoopingCall}
 would stop heartbeats for good.
@@ -15,7 +20,7 @@ would stop heartbeats for good.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Collection, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -23,8 +28,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from natkeep.bindings import Binding, BindingTable
+from natkeep.bindings import DEAD, Binding, BindingTable
+from natkeep.config import Settings
 from natkeep.interfaces import ICycle, IExpiryPolicy, IPacer, IPayload
+from natkeep.sip import Response
+from natkeep.strategies import Strategies
 
 log = Logger()
 
@@ -63,58 +71,34 @@ class HeartbeatSender(Service):
 
     @ivar lastCycle: the report of the last finished cycle.
     @ivar current: the report of the cycle under way.
-    @ivar removeBinding: called to remove a binding the expiry policy gave
-        up on; removes it from the table by default.
+    @ivar batchesPerCycle: send intervals in one period (the most batches a cycle
+        sends).
+    @ivar batchSize: SS_SIP_NAT_KEEP_ALIVE_SEND_ONE_TIME, heartbeats per
+        batch.
     """
 
     def __init__(
         self,
         table: BindingTable,
         clock: IReactorTime,
-        payload: IPayload,
-        pacer: IPacer,
-        expiry: IExpiryPolicy,
-        *,
-        period: float,
-        sendInterval: float,
-        sendOneTime: int,
-        batches: int,
-        pingAll: bool = False,
+        settings: Settings,
+        strategies: Strategies,
         stats: Optional[Counter[str]] = None,
-        removeBinding: Optional[Callable[[Binding], None]] = None,
     ) -> None:
         self.table = table
         self.clock = clock
-        self.reconfigure(
-            payload,
-            pacer,
-            expiry,
-            period=period,
-            sendInterval=sendInterval,
-            sendOneTime=sendOneTime,
-            batches=batches,
-            pingAll=pingAll,
-        )
         self.stats: Counter[str] = Counter() if stats is None else stats
-        self.removeBinding = removeBinding or table.remove
         self.lastCycle: Optional[CycleReport] = None
         self.current: Optional[CycleReport] = None
         self._cycle: Optional[ICycle] = None
         self._periodLoop: Optional[LoopingCall] = None
         self._batchLoop: Optional[LoopingCall] = None
+        #: Per binding: heartbeats unanswered in a row, and the Call-ID and
+        #: CSeq of the REGISTER they count since (a new REGISTER starts over).
+        self._unanswered: dict[Binding, tuple[int, str, int]] = {}
+        self.configure(settings, strategies)
 
-    def reconfigure(
-        self,
-        payload: IPayload,
-        pacer: IPacer,
-        expiry: IExpiryPolicy,
-        *,
-        period: float,
-        sendInterval: float,
-        sendOneTime: int,
-        batches: int,
-        pingAll: bool,
-    ) -> None:
+    def configure(self, settings: Settings, strategies: Strategies) -> None:
         """
         Take new strategies and timing; a running sender starts a fresh
         cycle with them at once.
@@ -122,28 +106,47 @@ class HeartbeatSender(Service):
         running = self.running
         if running:
             self.stopService()
-        self.payload: IPayload = payload
-        self.pacer: IPacer = pacer
-        self.expiry: IExpiryPolicy = expiry
-        self.period = period
-        self.sendInterval = sendInterval
-        self.sendOneTime = sendOneTime
-        self.batches = batches
-        self.pingAll = pingAll
+        self.payload: IPayload = strategies.payload
+        self.pacer: IPacer = strategies.pacer
+        self.expiry: IExpiryPolicy = strategies.expiry
+        self.period: float = settings.period
+        self.sendInterval = settings.sendInterval / 1000
+        self.batchSize = settings.sendOneTime
+        self.batchesPerCycle = settings.batchesPerCycle
+        self.pingAll = settings.pingAll
         if running:
             self.startService()
 
     @property
     def enabled(self) -> bool:
         """
-        Whether heartbeats are on: an empty payload is the master switch.
+        Whether heartbeats are on (the payload's master switch).
         """
-        return bool(self.payload.fixed != b"")
+        return bool(self.payload.enabled)
+
+    def responseReceived(self, response: Response, source: tuple[str, int]) -> None:
+        """
+        A SIP response arrived from C{source}: if the payload matches it to
+        a heartbeat, that binding's device is alive.
+        """
+        binding = self.payload.responseReceived(response, source)
+        if binding is not None:
+            self.stats["heartbeats.answered"] += 1
+            self._unanswered.pop(binding, None)
+
+    def unanswered(self, binding: Binding) -> int:
+        """
+        Heartbeats sent to C{binding} in a row that its device has not
+        answered, since its last answer or REGISTER.
+        """
+        count, callId, cseq = self._unanswered.get(binding, (0, "", 0))
+        if (callId, cseq) != (binding.callId, binding.cseq):
+            return 0
+        return count
 
     def startService(self) -> None:
         super().startService()
         if not self.enabled:
-            log.warn("SS_SIP_NAT_KEEP_ALIVE_MESSAGE is empty: heartbeats are off")
             return
         loop = self._periodLoop = LoopingCall(self._startCycle)
         loop.clock = self.clock
@@ -171,7 +174,10 @@ class HeartbeatSender(Service):
             self._closeCycle()
             now = self.clock.seconds()
             self.payload.cycleStarted(now)
-            self._cycle = self.pacer.startCycle(self.targets(), self.batches, self.sendOneTime)
+            self._forgetDead()
+            self._cycle = self.pacer.startCycle(
+                self.targets(), self.batchesPerCycle, self.batchSize
+            )
             self.current = CycleReport(started=now, due=self._cycle.due)
             self.stats["cycles"] += 1
             loop = self._batchLoop = LoopingCall(self._tick)
@@ -181,6 +187,12 @@ class HeartbeatSender(Service):
             )
         except Exception:
             log.failure("Starting a heartbeat cycle failed")
+
+    def _forgetDead(self) -> None:
+        unanswered = self._unanswered
+        if unanswered:
+            for binding in [b for b in unanswered if b.expiresAt == DEAD]:
+                del unanswered[binding]
 
     def _closeCycle(self) -> None:
         self._stopBatches()
@@ -200,7 +212,8 @@ class HeartbeatSender(Service):
             log.warn(
                 "Heartbeat cycle overran: {missed} of {due} devices missed "
                 "(sent {sent}, errors {errors}); raise SEND_ONE_TIME or PERIOD, "
-                "lower SEND_INTERVAL, or use pacing resume or spread",
+                "lower SEND_INTERVAL, or choose a pacing that reaches every device "
+                "(twistd natkeep --check compares them)",
                 missed=report.missed,
                 due=report.due,
                 sent=report.sent,
@@ -223,7 +236,7 @@ class HeartbeatSender(Service):
             report, cycle = self.current, self._cycle
             if report is None or cycle is None:
                 return
-            if report.batches >= self.batches:
+            if report.batches >= self.batchesPerCycle:
                 # The period's send intervals are used up; what is left is
                 # counted as missed when the next period begins.
                 self._stopBatches()
@@ -266,20 +279,13 @@ class HeartbeatSender(Service):
                     skipped += 1
         else:
             payloadFor = self.payload.payloadFor
-            expiry = self.expiry
+            tracks = self.expiry.tracksHeartbeats
             for binding in batch:
                 if binding.expiresAt <= now:
                     skipped += 1
                     continue
-                if not expiry.heartbeatDue(binding):
-                    self.removeBinding(binding)
+                if tracks and not self._stillAlive(binding):
                     removed += 1
-                    log.info(
-                        "Removed {aor} {uri}: {n} heartbeats unanswered",
-                        aor=binding.aor,
-                        uri=binding.uri,
-                        n=binding.unanswered,
-                    )
                     continue
                 try:
                     binding.listener.sendto(payloadFor(binding), binding.source)
@@ -297,3 +303,22 @@ class HeartbeatSender(Service):
             log.debug("{n} heartbeats refused by the kernel", n=errors)
         if removed:
             stats["bindings.dead"] += removed
+
+    def _stillAlive(self, binding: Binding) -> bool:
+        """
+        Ask the expiry policy whether C{binding} lives, counting the
+        heartbeat about to be sent; remove it if not.
+        """
+        count = self.unanswered(binding)
+        if not self.expiry.alive(count):
+            self._unanswered.pop(binding, None)
+            self.table.remove(binding)
+            log.info(
+                "Removed {aor} {uri}: {n} heartbeats unanswered",
+                aor=binding.aor,
+                uri=binding.uri,
+                n=count,
+            )
+            return False
+        self._unanswered[binding] = (count + 1, binding.callId, binding.cseq)
+        return True

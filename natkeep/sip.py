@@ -1,18 +1,19 @@
 """
 The wire: parsing and rendering the SIP messages a registrar meets
-(RFC 3261 §7, §20, §25; RFC 3581 for C{rport}).
+(RFC 3261 §7, §8.2, §20, §25; RFC 3581 for C{rport}).
 
 The parser is deliberately narrow.  It splits a datagram into a start line,
 header fields and a body, and parses in depth only what a registrar acts on
 (Via, Contact, CSeq, Expires, the To/From URIs).  Everything it rejects raises
 L{SIPError} carrying the status code and a reason phrase that names the fault,
-so the caller can answer with it.
+so the caller can answer with it; what cannot be answered at all raises
+L{Unanswerable}.  Responses are rendered here too (L{renderResponse}).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
+import zlib
 from typing import Container, Iterable, Iterator, NamedTuple, Optional, Union
 
 import attrs
@@ -64,6 +65,13 @@ _CANONICAL: dict[str, str] = {}
 _CANONICAL_LIMIT = 4096
 
 
+class Unanswerable(Exception):
+    """
+    A request so broken that no response can be addressed (no usable Via):
+    it is dropped.
+    """
+
+
 class SIPError(Exception):
     """
     A message that cannot be handled.
@@ -81,19 +89,14 @@ class SIPError(Exception):
         self.partial: Optional[Union[Request, Response]] = None
 
 
-@attrs.define(slots=True, eq=False)
-class Request:
+class _HeaderFields:
     """
-    A parsed SIP request.
-
-    @ivar headers: header values by lower-case full header name, each a list
-        of the field values in the order they appeared.
+    What requests and responses share: header values by lower-case full
+    header name, each a list of the field values in the order they appeared.
     """
 
-    method: str
-    uri: str
+    __slots__ = ()
     headers: dict[str, list[str]]
-    body: bytes
 
     def header(self, name: str) -> Optional[str]:
         """
@@ -105,7 +108,19 @@ class Request:
 
 
 @attrs.define(slots=True, eq=False)
-class Response:
+class Request(_HeaderFields):
+    """
+    A parsed SIP request.
+    """
+
+    method: str
+    uri: str
+    headers: dict[str, list[str]]
+    body: bytes
+
+
+@attrs.define(slots=True, eq=False)
+class Response(_HeaderFields):
     """
     A parsed SIP response.
     """
@@ -114,13 +129,6 @@ class Response:
     reason: str
     headers: dict[str, list[str]]
     body: bytes
-
-    def header(self, name: str) -> Optional[str]:
-        """
-        @return: the first value of header C{name}, or L{None}.
-        """
-        values = self.headers.get(name)
-        return values[0] if values else None
 
 
 Message = Union[Request, Response]
@@ -322,6 +330,17 @@ def renderParams(params: Iterable[tuple[str, Optional[str]]], skip: Container[st
     )
 
 
+def findParam(params: Iterable[tuple[str, Optional[str]]], name: str) -> Optional[str]:
+    """
+    The value of parameter C{name} (lower-case) among parsed C{params}, or
+    L{None} when it is absent or a flag.
+    """
+    for key, value in params:
+        if key == name:
+            return value
+    return None
+
+
 def splitHostPort(text: str) -> tuple[str, Optional[int]]:
     """
     Split C{host}, C{host:port}, C{[v6]} or C{[v6]:port}.
@@ -376,10 +395,7 @@ class Via:
     sentBy: str
 
     def param(self, name: str) -> Optional[str]:
-        for key, value in self.params:
-            if key == name:
-                return value
-        return None
+        return findParam(self.params, name)
 
     def hasParam(self, name: str) -> bool:
         for key, _ in self.params:
@@ -485,10 +501,7 @@ class NameAddr(NamedTuple):
     params: tuple[tuple[str, Optional[str]], ...]
 
     def param(self, name: str) -> Optional[str]:
-        for key, value in self.params:
-            if key == name:
-                return value
-        return None
+        return findParam(self.params, name)
 
 
 def parseNameAddr(value: str) -> NameAddr:
@@ -547,35 +560,6 @@ def parseCSeq(value: str) -> tuple[int, str]:
     return number, parts[1]
 
 
-_PRIVATE_NETWORKS = tuple(
-    ipaddress.ip_network(net)
-    for net in (
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "100.64.0.0/10",
-        "169.254.0.0/16",
-        "fc00::/7",
-        "fe80::/10",
-    )
-)
-
-
-def isPrivateAddress(host: str) -> bool:
-    """
-    Whether C{host} is a literal address that cannot be reached from outside
-    its own network: RFC 1918 private, RFC 6598 shared, link-local or
-    unique-local.  Host names are not private.
-    """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in net for net in _PRIVATE_NETWORKS)
-
-
 def renderRequest(
     method: str, uri: str, headers: list[tuple[str, str]], body: bytes = b""
 ) -> bytes:
@@ -589,3 +573,127 @@ def renderRequest(
     lines.append("")
     lines.append("")
     return "\r\n".join(lines).encode("utf-8") + body
+
+
+#: Via parameters a response fills in (RFC 3581 §4).
+_FILLED = ("rport", "received")
+_RECEIVED = ("received",)
+
+#: Headers a response copies from its request, in order.
+_COPIED = (("from", "From"), ("to", "To"), ("call-id", "Call-ID"), ("cseq", "CSeq"))
+
+
+def topVia(request: Request) -> Via:
+    """
+    The top Via of C{request}, where its responses go.
+
+    @raise Unanswerable: when there is none, or it is malformed.
+    """
+    values = request.headers.get("via")
+    if not values:
+        raise Unanswerable("no Via header")
+    value = values[0]
+    if "," in value:
+        value = next(splitCommas([value]))
+    try:
+        return parseVia(value)
+    except SIPError as e:
+        raise Unanswerable(e.reason)
+
+
+def checkRequest(request: Request) -> tuple[Via, int]:
+    """
+    The checks every request must pass before anything acts on it
+    (RFC 3261 §8.2): a usable top Via, the mandatory headers, and a CSeq
+    whose method is the request's.
+
+    @return: the top Via and the CSeq number.
+    @raise Unanswerable: when no response could be addressed.
+    @raise SIPError: naming the fault, to be answered.
+    """
+    via = topVia(request)
+    headers = request.headers
+    for name in ("from", "to", "call-id", "cseq"):
+        if name not in headers:
+            raise SIPError(f"Missing {name.title()} Header")
+    number, method = parseCSeq(headers["cseq"][0])
+    if method != request.method:
+        raise SIPError("CSeq Method Mismatch")
+    return via, number
+
+
+def _tagged(to: str, callId: Optional[str], cseq: Optional[str]) -> str:
+    """
+    The To value of a response: the request's, with a tag added when it
+    has none.
+    """
+    # Header parameters follow the closing bracket (or the whole value
+    # in the addr-spec form, whose URI cannot hold ';').
+    params = to[to.rfind(">") + 1 :]
+    if "=" in params and ";tag=" in params.lower().replace(" ", ""):
+        return to
+    # Deterministic, so a retransmission gets the same tag.
+    return f"{to};tag={zlib.crc32(f'{callId}|{cseq}'.encode()):08x}"
+
+
+def _copiedHeaders(fields: dict[str, list[str]]) -> str:
+    """
+    From, To, Call-ID and CSeq as a response copies them, leaving out any
+    the request lacks.
+    """
+    callId = fields["call-id"][0] if "call-id" in fields else None
+    cseq = fields["cseq"][0] if "cseq" in fields else None
+    lines = []
+    for name, title in _COPIED:
+        values = fields.get(name)
+        if values:
+            value = values[0]
+            if name == "to":
+                value = _tagged(value, callId, cseq)
+            lines.append(f"{title}: {value}\r\n")
+    return "".join(lines)
+
+
+def renderResponse(
+    request: Request,
+    via: Via,
+    source: tuple[str, int],
+    code: int,
+    reason: str,
+    extra: str = "",
+    trailer: str = "Content-Length: 0\r\n\r\n",
+) -> bytes:
+    """
+    The response to C{request}, which came from C{source}: every Via, the
+    top one with C{received}/C{rport} filled in (RFC 3581 §4), From, To
+    (tagged), Call-ID and CSeq copied.
+
+    @param via: the parsed top Via (L{topVia}).
+    @param extra: header lines to add, each ending in CRLF.
+    @param trailer: the last header lines and the blank line (no body).
+    """
+    host = source[0]
+    if via.hasParam("rport"):
+        # RFC 3581 §4: fill rport, and always add received with it.
+        top = via.render(_FILLED, f";received={host};rport={source[1]}")
+    elif via.host != host:
+        top = via.render(_RECEIVED, f";received={host}")
+    else:
+        top = via.render()
+    fields = request.headers
+    vias = fields["via"]
+    others = ""
+    if len(vias) > 1 or "," in vias[0]:
+        others = "".join([f"Via: {value}\r\n" for value in splitValues(vias)[1:]])
+    try:
+        # One string build for the usual case, where all are present.
+        callId = fields["call-id"][0]
+        cseq = fields["cseq"][0]
+        copied = (
+            f"From: {fields['from'][0]}\r\nTo: {_tagged(fields['to'][0], callId, cseq)}\r\n"
+            f"Call-ID: {callId}\r\nCSeq: {cseq}\r\n"
+        )
+    except KeyError:
+        copied = _copiedHeaders(fields)
+    text = f"SIP/2.0 {code} {reason}\r\nVia: {top}\r\n{others}{copied}{extra}{trailer}"
+    return text.encode("utf-8")

@@ -10,50 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-if TYPE_CHECKING:
-    from natkeep.service import NatkeepService
-
 _METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
-
-def snapshot(service: NatkeepService) -> dict[str, Any]:
-    """
-    Everything the endpoint shows, as plain data.
-    """
-    settings = service.settings
-    last = service.sender.lastCycle
-    return {
-        "bindings": len(service.table),
-        "nat_bindings": service.table.natCount(),
-        "settings": {
-            "period_s": settings.period,
-            "send_interval_ms": settings.sendInterval,
-            "send_one_time": settings.sendOneTime,
-            "capacity": settings.capacity,
-            "payload": settings.payload,
-            "pacing": settings.pacing,
-            "expiry": settings.expiry,
-            "heartbeats_enabled": service.sender.enabled,
-        },
-        "last_cycle": None
-        if last is None
-        else {
-            "started": last.started,
-            "duration_s": last.duration,
-            "due": last.due,
-            "sent": last.sent,
-            "missed": last.missed,
-            "errors": last.errors,
-            "skipped": last.skipped,
-            "removed": last.removed,
-        },
-        "counters": dict(sorted(service.stats.items())),
-    }
+#: What the endpoint shows, as plain data made fresh for each request:
+#: C{bindings}, C{nat_bindings}, C{settings}, C{last_cycle} and C{counters}.
+Snapshot = Callable[[], dict[str, Any]]
 
 
 def prometheus(data: dict[str, Any]) -> str:
@@ -86,13 +52,13 @@ def prometheus(data: dict[str, Any]) -> str:
 class _Page(Resource):
     isLeaf = True
 
-    def __init__(self, service: NatkeepService, kind: str) -> None:
+    def __init__(self, snapshot: Snapshot, kind: str) -> None:
         super().__init__()
-        self.service = service
+        self.snapshot = snapshot
         self.kind = kind
 
     def render_GET(self, request: Request) -> bytes:
-        data = snapshot(self.service)
+        data = self.snapshot()
         if self.kind == "metrics":
             request.setHeader(b"content-type", b"text/plain; version=0.0.4")
             return prometheus(data).encode("utf-8")
@@ -100,13 +66,13 @@ class _Page(Resource):
         return json.dumps(data, indent=2).encode("utf-8") + b"\n"
 
 
-def statusResource(service: NatkeepService) -> Resource:
+def statusResource(snapshot: Snapshot) -> Resource:
     """
     The resource tree: C{/status} and C{/metrics}; C{/} is C{/status}.
     """
-    root = _Page(service, "status")
+    root = _Page(snapshot, "status")
     root.isLeaf = False
-    root.putChild(b"", _Page(service, "status"))
-    root.putChild(b"status", _Page(service, "status"))
-    root.putChild(b"metrics", _Page(service, "metrics"))
+    root.putChild(b"", _Page(snapshot, "status"))
+    root.putChild(b"status", _Page(snapshot, "status"))
+    root.putChild(b"metrics", _Page(snapshot, "metrics"))
     return root

@@ -2,10 +2,14 @@
 The store: bindings on disk, so that a restart (or a C{kill -9}) forgets no
 device.
 
-L{SQLiteStore} buffers the changes of a reactor turn and writes them in one
-transaction when the registrar commits, before any answer about them leaves.
-The journal is WAL with C{synchronous=NORMAL}: a commit survives the process
-dying at any point; only a power loss can take the last few commits.
+L{SQLiteStore} buffers the changes of a reactor turn (L{WriteBuffer}) and
+writes them in one transaction when the registrar commits, before any answer
+about them leaves.  The journal is WAL with C{synchronous=NORMAL}: a commit
+survives the process dying at any point; only a power loss can take the last
+few commits.
+
+The schema is upgraded by explicit steps (L{MIGRATIONS}), one per version,
+each in its own transaction.
 """
 
 from __future__ import annotations
@@ -14,36 +18,44 @@ import os
 import sqlite3
 from typing import Iterator, Optional
 
-import attrs
 from zope.interface import implementer
 
-from natkeep.bindings import Binding
+from natkeep.bindings import Binding, StoredBinding, storedRow
 from natkeep.interfaces import IBindingStore
 
-#: 2: no index on expires_at.  Every write paid for it, and only a restart
-#: read it; version 1 files lose it when opened.
-SCHEMA_VERSION = 2
+#: The steps that take a database from version N to N+1, at index N.
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: the bindings table, with an index for the expiry sweep.
+    """
+    CREATE TABLE bindings (
+        aor TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        params TEXT NOT NULL,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        listener TEXT NOT NULL,
+        nat INTEGER NOT NULL,
+        expires_at REAL NOT NULL,
+        call_id TEXT NOT NULL,
+        cseq INTEGER NOT NULL,
+        PRIMARY KEY (aor, uri)
+    );
+    CREATE INDEX bindings_expiry ON bindings (expires_at);
+    """,
+    # 1 -> 2: no index on expires_at.  Every write paid for it, and only a
+    # restart read it.
+    """
+    DROP INDEX IF EXISTS bindings_expiry;
+    """,
+)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS bindings (
-    aor TEXT NOT NULL,
-    uri TEXT NOT NULL,
-    params TEXT NOT NULL,
-    host TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    listener TEXT NOT NULL,
-    nat INTEGER NOT NULL,
-    expires_at REAL NOT NULL,
-    call_id TEXT NOT NULL,
-    cseq INTEGER NOT NULL,
-    PRIMARY KEY (aor, uri)
-);
-DROP INDEX IF EXISTS bindings_expiry;
-"""
+SCHEMA_VERSION = len(MIGRATIONS)
 
-_UPSERT = """
-INSERT INTO bindings
-    (aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq)
+#: The columns in L{StoredBinding}'s field order.
+_COLUMNS = "aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq"
+
+_UPSERT = f"""
+INSERT INTO bindings ({_COLUMNS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (aor, uri) DO UPDATE SET
     params = excluded.params, host = excluded.host, port = excluded.port,
@@ -59,27 +71,10 @@ class StoreError(Exception):
     """
 
 
-@attrs.frozen
-class StoredBinding:
-    """
-    A binding as the store keeps it: the listening socket by its address.
-    """
-
-    aor: str
-    uri: str
-    params: str
-    source: tuple[str, int]
-    listener: str
-    nat: bool
-    expiresAt: float
-    callId: str
-    cseq: int
-
-
 class WriteBuffer:
     """
     The changes of a reactor turn, waiting for a commit: the latest put of
-    each binding, and the deletions.  Both stores keep their writes here.
+    each binding, and the deletions.  Every store keeps its writes here.
     """
 
     def __init__(self) -> None:
@@ -113,6 +108,9 @@ class WriteBuffer:
         """
         Put back writes a failed commit took, under any made since.
         """
+        for key in self._deletes:
+            puts.pop(key, None)
+        deletes -= self._puts.keys()
         puts.update(self._puts)
         self._puts = puts
         self._deletes |= deletes
@@ -123,80 +121,83 @@ class SQLiteStore(WriteBuffer):
     """
     Bindings in an SQLite file.
 
-    @ivar path: the database file; also its C{location}.
+    @ivar location: the database file.
     """
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        self.path = self.location = path
+        self.location = path
         try:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"binding database {path} has schema version {version}, "
-                    f"newer than this natkeep's {SCHEMA_VERSION}"
-                )
-            self._db.executescript(_SCHEMA)
-            if version < SCHEMA_VERSION:
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._migrate()
             self._db.execute("SELECT count(*) FROM bindings").fetchone()
         except sqlite3.Error as e:
             raise StoreError(f"cannot use binding database {path}: {e}")
 
+    def _migrate(self) -> None:
+        """
+        Bring the schema to L{SCHEMA_VERSION}, one step at a time.
+        """
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"binding database {self.location} has schema version {version}, "
+                f"newer than this natkeep's {SCHEMA_VERSION}"
+            )
+        if (
+            version == 0
+            and db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'bindings'"
+            ).fetchone()
+        ):
+            # Written before the version was recorded: the first schema.
+            version = 1
+        for step in range(version, SCHEMA_VERSION):
+            db.execute("BEGIN")
+            try:
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={step + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
     def load(self, now: float) -> Iterator[StoredBinding]:
         self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
-        cursor = self._db.execute(
-            "SELECT aor, uri, params, host, port, listener, nat, expires_at, "
-            "call_id, cseq FROM bindings ORDER BY rowid"
-        )
-        for aor, uri, params, host, port, listener, nat, expiresAt, callId, cseq in cursor:
-            yield StoredBinding(
-                aor, uri, params, (host, port), listener, bool(nat), expiresAt, callId, cseq
-            )
+        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM bindings ORDER BY rowid")
+        make = StoredBinding._make
+        for row in cursor:
+            yield make(row)
 
     def commit(self) -> None:
         puts, deletes = self.takeWrites()
         db = self._db
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             if deletes:
                 db.executemany("DELETE FROM bindings WHERE aor = ? AND uri = ?", deletes)
             if puts:
                 # Values are read now, so several changes in one turn
                 # cost one row write.
-                db.executemany(
-                    _UPSERT,
-                    [
-                        (
-                            b.aor,
-                            b.uri,
-                            b.params,
-                            b.source[0],
-                            b.source[1],
-                            b.listener.address,
-                            int(b.nat),
-                            b.expiresAt,
-                            b.callId,
-                            b.cseq,
-                        )
-                        for b in puts.values()
-                    ],
-                )
+                db.executemany(_UPSERT, [storedRow(b) for b in puts.values()])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             # Keep the writes for the next attempt.
             self.restoreWrites(puts, deletes)
             raise
 
-    def count(self, now: Optional[float] = None, natOnly: bool = False) -> int:
+    def count(self, now: float, natOnly: bool = False) -> int:
         query = "SELECT count(*) FROM bindings WHERE expires_at > ?"
         if natOnly:
             query += " AND nat = 1"
-        return int(self._db.execute(query, (now if now is not None else 0.0,)).fetchone()[0])
+        return int(self._db.execute(query, (now,)).fetchone()[0])
 
     def close(self) -> None:
         if self.pending():

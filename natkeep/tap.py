@@ -1,24 +1,62 @@
 """
-The face: C{twistd natkeep} options and the service maker.
+The face and the wiring: C{twistd natkeep} options, and L{makeService},
+which builds the whole service tree from stock Twisted services:
+
+    MultiService
+     ├─ UDPServer per listening address (a L{natkeep.protocol.SIPProtocol})
+     ├─ BindingsService: restores the store on start, commits and closes it
+     │   on stop
+     ├─ TimerService: sweeps expired bindings every second
+     ├─ HeartbeatSender
+     └─ TCPServer: the status endpoint (when configured)
+
+Process tuning (garbage collector thresholds) and the SIGHUP handler that
+reloads the settings are set up here too.
 """
 
 from __future__ import annotations
 
+import gc
+import signal
 import sys
-from typing import Optional
+from collections import Counter
+from typing import Any, Callable, Optional
 
-from twisted.application.service import IService
+from twisted.application.internet import TCPServer, TimerService, UDPServer
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import error
+from twisted.logger import Logger
 from twisted.python import usage
 
+from natkeep.bindings import BindingTable
 from natkeep.config import (
     BY_OPTION,
     ConfigError,
     Settings,
     buildSettings,
     iterOptionHelp,
+    parseListenAddress,
     readConfigFile,
 )
-from natkeep.strategies import describeStrategies
+from natkeep.interfaces import IBindingStore
+from natkeep.outbox import Outbox
+from natkeep.protocol import MAX_DATAGRAM, SIPProtocol
+from natkeep.registrar import Registrar
+from natkeep.sender import HeartbeatSender
+from natkeep.store import SQLiteStore, StoreError
+from natkeep.strategies import Strategies, adviceFor, describeStrategies, makeStrategies
+
+log = Logger()
+
+#: Cyclic garbage collection thresholds.  Bindings are long-lived and form
+#: no garbage cycles, yet a full collection walks every one of them: with
+#: the default thresholds that costs REGISTER throughput and, with a million
+#: bindings, pauses long enough to disturb the heartbeat schedule.
+GC_THRESHOLDS = (50_000, 50, 100)
+
+#: How often expired bindings are swept out.  Heartbeats stop at expiry
+#: whatever this is; it bounds how long a dead binding holds memory.
+SWEEP_INTERVAL = 1.0
 
 #: Parameters that are switches on the command line.
 _FLAGS = ("sip-trace", "ping-all")
@@ -97,13 +135,269 @@ class Options(usage.Options):
         return buildSettings(fileValues, cli)
 
 
+class ListenerServer(UDPServer):
+    """
+    A stock L{UDPServer} that ends start-up with one line naming the address
+    when it cannot bind.
+    """
+
+    def __init__(self, protocol: SIPProtocol, reactor: Any) -> None:
+        host, port = parseListenAddress(protocol.address)
+        super().__init__(
+            port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM, reactor=reactor
+        )
+        self.address = protocol.address
+
+    def _getPort(self) -> Any:
+        try:
+            return super()._getPort()
+        except error.CannotListenError as e:
+            raise SystemExit(f"natkeep: cannot listen on {self.address}: {e.socketError}")
+
+
+class BindingsService(Service):
+    """
+    The binding store's life: on start, the stored bindings come back into
+    the table on the sockets they name (which exist by then); on stop, the
+    answers held for this turn's commit leave while the sockets are still
+    open, and the store closes.
+    """
+
+    def __init__(
+        self,
+        store: IBindingStore,
+        table: BindingTable,
+        protocols: dict[str, SIPProtocol],
+        outbox: Outbox,
+        clock: Any,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.protocols = protocols
+        self.outbox = outbox
+        self.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        restored = 0
+        orphans: Counter[str] = Counter()
+        for row in self.store.load(self.clock.seconds()):
+            listener = self.protocols.get(row.listener)
+            if listener is None:
+                orphans[row.listener] += 1
+                continue
+            self.table.add(row.restore(listener))
+            restored += 1
+        # What was just restored lives as long as the process: keep the
+        # collector from walking it again and again.
+        gc.collect()
+        gc.freeze()
+        for address, count in orphans.items():
+            log.warn(
+                "Skipped {count} stored bindings of {address}, which natkeep no "
+                "longer listens on; they stay in the store until they expire",
+                count=count,
+                address=address,
+            )
+        log.info(
+            "Restored {restored} bindings ({nat} behind NAT) from {path}",
+            restored=restored,
+            nat=self.table.natCount(),
+            path=self.store.location,
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.outbox.flush()
+        self.store.close()
+
+    def sweep(self) -> None:
+        """
+        Remove every expired binding and commit the removals; a failure is
+        logged, and the next sweep tries again.
+        """
+        try:
+            removed = self.table.sweep(self.clock.seconds())
+            if self.store.pending():
+                self.store.commit()
+        except Exception:
+            log.failure("Sweeping expired bindings failed")
+            return
+        if removed:
+            log.debug("{n} bindings expired", n=removed)
+
+
+class Natkeep:
+    """
+    All of natkeep's parts, wired, and the service tree that runs them.
+
+    @ivar service: the root of the service tree.
+    @ivar protocols: the listening socket of each configured address.
+    @ivar stats: counters by name, shared by every part.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        reloadSettings: Optional[Callable[[], Settings]] = None,
+    ) -> None:
+        """
+        @raise ConfigError: when a strategy is not installed or the store
+            cannot be used.
+        """
+        self.settings = settings
+        self.reactor = reactor
+        self.reloadSettings = reloadSettings
+        self.stats: Counter[str] = Counter()
+        strategies = makeStrategies(settings)
+        try:
+            self.store = SQLiteStore(settings.db)
+        except StoreError as e:
+            raise ConfigError(str(e))
+        self.table = BindingTable(removed=self.store.delete)
+        self.outbox = Outbox(reactor, self.store, self.stats)
+        self.registrar = Registrar(
+            self.table, reactor, self.outbox, strategies.expiry, store=self.store
+        )
+        self.sender = HeartbeatSender(self.table, reactor, settings, strategies, self.stats)
+        self.protocols = {
+            address: SIPProtocol(
+                address,
+                self.registrar,
+                self.outbox,
+                reactor,
+                self.stats,
+                self.sender.responseReceived,
+            )
+            for address in settings.listen
+        }
+        self._apply(settings, strategies)
+
+        self.service = MultiService()
+        for protocol in self.protocols.values():
+            ListenerServer(protocol, reactor).setServiceParent(self.service)
+        self.bindings = BindingsService(
+            self.store, self.table, self.protocols, self.outbox, reactor
+        )
+        self.bindings.setServiceParent(self.service)
+        sweeper = TimerService(SWEEP_INTERVAL, self.bindings.sweep)
+        sweeper.clock = reactor
+        sweeper.setServiceParent(self.service)
+        self.sender.setServiceParent(self.service)
+        if settings.status:
+            from twisted.web.server import Site
+
+            from natkeep.status import statusResource
+
+            host, port = parseListenAddress(settings.status)
+            TCPServer(
+                port, Site(statusResource(self.snapshot)), interface=host, reactor=reactor
+            ).setServiceParent(self.service)
+
+    def _apply(self, settings: Settings, strategies: Strategies) -> None:
+        self.settings = settings
+        self.outbox.configure(settings)
+        self.registrar.configure(settings, strategies)
+        for protocol in self.protocols.values():
+            protocol.configure(settings)
+        self.sender.configure(settings, strategies)
+
+    def logStart(self) -> None:
+        """
+        Log what natkeep starts with, and every warning about it.
+        """
+        settings = self.settings
+        for warning in adviceFor(settings):
+            log.warn("{warning}", warning=warning)
+        log.info(
+            "natkeep starting: payload {payload}, pacing {pacing}, expiry "
+            "{expiry}; capacity {capacity} devices per {period} s cycle",
+            payload=settings.payload,
+            pacing=settings.pacing,
+            expiry=settings.expiry,
+            capacity=settings.capacity,
+            period=settings.period,
+        )
+
+    def reload(self) -> bool:
+        """
+        Re-read the settings and apply the keep-alive ones (heartbeat
+        parameters, strategies, expiry limits, NAT tests, read pause, SIP
+        trace) without touching a binding.  A wrong config is refused and
+        the running settings stay.
+
+        @return: whether new settings were applied.
+        """
+        if self.reloadSettings is None:
+            return False
+        try:
+            new = self.reloadSettings()
+            strategies = makeStrategies(new)
+        except ConfigError as e:
+            log.error("Reload refused, settings unchanged: {error}", error=str(e))
+            return False
+        for name in ("listen", "db", "status"):
+            if getattr(new, name) != getattr(self.settings, name):
+                log.warn("Reload: {name} changes only on restart", name=name)
+        for warning in adviceFor(new):
+            log.warn("{warning}", warning=warning)
+        log.info(
+            "Reloaded settings: period {period} s, interval {interval} ms, {oneTime} "
+            "per batch, payload {payload}, pacing {pacing}, expiry {expiry}; "
+            "{bindings} bindings kept",
+            period=new.period,
+            interval=new.sendInterval,
+            oneTime=new.sendOneTime,
+            payload=new.payload,
+            pacing=new.pacing,
+            expiry=new.expiry,
+            bindings=len(self.table),
+        )
+        self._apply(new, strategies)
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """
+        What the status endpoint shows, as plain data.
+        """
+        settings = self.settings
+        last = self.sender.lastCycle
+        return {
+            "bindings": len(self.table),
+            "nat_bindings": self.table.natCount(),
+            "settings": {
+                "period_s": settings.period,
+                "send_interval_ms": settings.sendInterval,
+                "send_one_time": settings.sendOneTime,
+                "capacity": settings.capacity,
+                "payload": settings.payload,
+                "pacing": settings.pacing,
+                "expiry": settings.expiry,
+                "heartbeats_enabled": self.sender.enabled,
+            },
+            "last_cycle": None
+            if last is None
+            else {
+                "started": last.started,
+                "duration_s": last.duration,
+                "due": last.due,
+                "sent": last.sent,
+                "missed": last.missed,
+                "errors": last.errors,
+                "skipped": last.skipped,
+                "removed": last.removed,
+            },
+            "counters": dict(sorted(self.stats.items())),
+        }
+
+
 def makeService(options: Options) -> IService:
     """
-    Build the natkeep service, or exit with one line naming what is wrong.
+    Build the natkeep service tree, tune the process and install the
+    SIGHUP reload, or exit with one line naming what is wrong.
     """
     from twisted.internet import reactor
-
-    from natkeep.service import NatkeepService
 
     try:
         settings = options.settings()
@@ -113,6 +407,15 @@ def makeService(options: Options) -> IService:
             from natkeep.plan import printPlan
 
             raise SystemExit(printPlan(settings, options["devices"], sys.stdout))
-        return NatkeepService(settings, reactor, reloadSettings=options.settings)
+        natkeep = Natkeep(settings, reactor, reloadSettings=options.settings)
     except ConfigError as e:
         raise SystemExit(f"natkeep: error: {e}")
+    gc.set_threshold(*GC_THRESHOLDS)
+    if hasattr(signal, "SIGHUP"):
+        # The handler only schedules: the reload runs in the reactor.
+        signal.signal(
+            signal.SIGHUP,
+            lambda signum, frame: reactor.callFromThread(natkeep.reload),  # type: ignore[attr-defined]
+        )
+    natkeep.logStart()
+    return natkeep.service

@@ -1,20 +1,27 @@
 """
 In-memory fakes for testing natkeep and code built on it: a listener that
-records what it sends, a store that keeps bindings in a dict, and builders
-for the SIP requests a phone sends.
+records what it sends, a store that keeps bindings in a dict (it passes the
+same contract tests as the real stores), and builders for the SIP requests
+a phone sends.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Iterable, Optional
+from collections import Counter
+from typing import Callable, Iterable, Optional
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.testing import FakeDatagramTransport
 from zope.interface import implementer
 
-from natkeep.interfaces import IBindingStore, IListener
-from natkeep.store import StoredBinding, WriteBuffer
+from natkeep.bindings import StoredBinding
+from natkeep.interfaces import IBindingStore, IListener, ISIPController
+from natkeep.outbox import Outbox
+from natkeep.protocol import SIPProtocol
+from natkeep.sip import Response
+from natkeep.store import WriteBuffer
 
 
 @implementer(IListener)
@@ -57,7 +64,8 @@ class MemoryStore(WriteBuffer):
     """
     A store that keeps committed bindings in a dict.
 
-    @ivar rows: the committed bindings by C{(aor, uri)}.
+    @ivar rows: the committed bindings by C{(aor, uri)}, in the order they
+        were first stored; pass the rows of a closed store to open it again.
     @ivar commits: how many commits were made.
     @ivar failures: how many of the next commits raise L{OSError}, keeping
         their writes pending.
@@ -65,9 +73,9 @@ class MemoryStore(WriteBuffer):
 
     location = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, rows: Optional[dict[tuple[str, str], StoredBinding]] = None) -> None:
         super().__init__()
-        self.rows: dict[tuple[str, str], StoredBinding] = {}
+        self.rows: dict[tuple[str, str], StoredBinding] = {} if rows is None else rows
         self.commits = 0
         self.failures = 0
 
@@ -84,24 +92,36 @@ class MemoryStore(WriteBuffer):
         for key in deletes:
             self.rows.pop(key, None)
         for key, b in puts.items():
-            self.rows[key] = StoredBinding(
-                b.aor,
-                b.uri,
-                b.params,
-                b.source,
-                b.listener.address,
-                b.nat,
-                b.expiresAt,
-                b.callId,
-                b.cseq,
-            )
+            self.rows[key] = StoredBinding.of(b)
         self.commits += 1
 
-    def count(self) -> int:
-        return len(self.rows)
+    def count(self, now: float, natOnly: bool = False) -> int:
+        return sum(
+            1 for row in self.rows.values() if row.expiresAt > now and (row.nat or not natOnly)
+        )
 
     def close(self) -> None:
         self.commit()
+
+
+def fakeSocket(
+    controller: ISIPController,
+    outbox: Outbox,
+    clock: IReactorTime,
+    stats: Optional[Counter[str]] = None,
+    onResponse: Optional[Callable[[Response, tuple[str, int]], None]] = None,
+    address: str = "127.0.0.1:5060",
+) -> tuple[SIPProtocol, FakeDatagramTransport]:
+    """
+    A listening protocol for C{controller} on an in-memory transport, which
+    keeps what is sent in its C{written} list of C{(data, address)}.
+    """
+    protocol = SIPProtocol(
+        address, controller, outbox, clock, outbox.stats if stats is None else stats, onResponse
+    )
+    transport = FakeDatagramTransport()  # type: ignore[no-untyped-call]
+    protocol.makeConnection(transport)
+    return protocol, transport
 
 
 def register(

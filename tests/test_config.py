@@ -17,6 +17,7 @@ from natkeep.config import (
     readConfigFile,
     sanityWarnings,
 )
+from natkeep.strategies import adviceFor
 from natkeep.tap import Options
 
 
@@ -35,6 +36,16 @@ class SettingsTests(SynchronousTestCase):
         for parameter in PARAMETERS:
             self.assertEqual(getattr(settings, parameter.attribute), parameter.default)
         self.assertEqual(settings.capacity, 180000)
+        self.assertEqual((settings.period, settings.message), (30, b"HELLO"))
+
+    def test_oneFieldPerParameter(self) -> None:
+        """
+        L{Settings} has exactly one field per parameter, nothing more.
+        """
+        self.assertEqual(
+            {field.name for field in attrs.fields(Settings)},
+            {parameter.attribute for parameter in PARAMETERS},
+        )
 
     def test_fileOverridesDefaults(self) -> None:
         """
@@ -354,11 +365,21 @@ class SanityTests(SynchronousTestCase):
 
     def test_warnings(self) -> None:
         """
-        Each SPEC §2 condition gives its warning.
+        Each risky setting gives its warning: PERIOD above a fifth of the
+        NAT expiry, PERIOD above 30 s, more devices than one cycle reaches.
         """
         settings = Settings(period=100, endpointNatExpire=300, sendOneTime=1)
         text = "\n".join(sanityWarnings(settings, devices=10**6))
         self.assertIn("above SS_ENDPOINT_NAT_EXPIRE / 5", text)
         self.assertIn("above 30 s", text)
         self.assertIn("exceed one cycle's capacity of 200", text)
-        self.assertIn("no heartbeats", "\n".join(sanityWarnings(Settings(message=b""))))
+        self.assertNotIn("no heartbeats", text)
+
+    def test_strategyAdvice(self) -> None:
+        """
+        The chosen strategies add their own advice: the C{raw} payload warns
+        that an empty MESSAGE sends no heartbeats; C{crlf} sends its own
+        bytes and does not.
+        """
+        self.assertIn("no heartbeats", "\n".join(adviceFor(Settings(message=b""))))
+        self.assertEqual(adviceFor(Settings(message=b"", payload="crlf")), [])

@@ -3,16 +3,18 @@ Property tests: nothing a datagram holds escapes the registrar or damages a
 binding.
 """
 
+from collections import Counter
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.internet.testing import FakeDatagramTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from natkeep.bindings import BindingTable
+from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry
-from natkeep.registrar import Registrar, RegistrarProtocol
-from natkeep.testing import FakeListener, MemoryStore, register
+from natkeep.registrar import Registrar
+from natkeep.testing import MemoryStore, fakeSocket, register
 
 PHONE = ("203.0.113.7", 40001)
 
@@ -51,20 +53,20 @@ class FuzzTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.listener = FakeListener()
         self.store = MemoryStore()
         self.table = BindingTable(removed=self.store.delete)
-        self.registrar = Registrar(self.table, self.clock, CapExpiry(3600, 300), store=self.store)
-        self.protocol = RegistrarProtocol(self.registrar, "127.0.0.1:5060")
-        self.transport = FakeDatagramTransport()
-        self.protocol.makeConnection(self.transport)
+        outbox = Outbox(self.clock, self.store, Counter())
+        self.registrar = Registrar(
+            self.table, self.clock, outbox, CapExpiry(3600, 300), store=self.store
+        )
+        self.protocol, self.transport = fakeSocket(self.registrar, outbox, self.clock)
         # The existing binding of another AOR that nothing below may touch.
-        self.registrar.datagramReceived(
+        self.protocol.datagramReceived(
             register(user="keep", contacts=["<sip:keep@192.168.9.9>"], callId="keep"),
             ("198.51.100.1", 5060),
-            self.listener,
         )
         self.clock.advance(0)
+        self.transport.written.clear()
         [self.kept] = self.table.lookup("sip:keep@example.com")
         self.before = (self.kept.source, self.kept.expiresAt, self.kept.cseq, self.kept.callId)
 

@@ -1,27 +1,35 @@
 """
-Tests for L{natkeep.registrar}: SPEC §3, rule by rule.
+Tests for L{natkeep.registrar} behind its listening socket (L{natkeep.protocol}):
+RFC 3261 §10.3 and RFC 3581, rule by rule.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from natkeep.bindings import BindingTable
+from natkeep.interfaces import IListener, ISIPController
+from natkeep.nat import NatDetector
+from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry, FixedExpiry
-from natkeep.registrar import Registrar, RegistrarProtocol
+from natkeep.protocol import SIPProtocol
+from natkeep.registrar import Registrar
 from natkeep.sip import Response, parseMessage, parseNameAddr, parseVia
 from natkeep.stun import MAGIC_COOKIE
-from natkeep.testing import FakeListener, MemoryStore, register, request
+from natkeep.testing import MemoryStore, fakeSocket, register, request
 
 PHONE = ("203.0.113.7", 40001)
 
 
 class RegistrarTestCase(SynchronousTestCase):
     """
-    A registrar on a fake clock, listener and store.
+    A registrar behind a listening socket, on a fake clock, transport and
+    store.
     """
 
     natTests = ("via", "private", "contact")
@@ -29,26 +37,48 @@ class RegistrarTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.listener = FakeListener()
         self.store = MemoryStore()
         self.table = BindingTable(removed=self.store.delete)
+        self.stats: Counter[str] = Counter()
+        self.outbox = Outbox(self.clock, self.store, self.stats)
         self.registrar = Registrar(
             self.table,
             self.clock,
+            self.outbox,
             CapExpiry(3600, 300),
             minExpires=60,
-            natTests=self.natTests,
+            nat=NatDetector(frozenset(self.natTests)),
             store=self.store,
         )
+        self.responses: list[tuple[Response, tuple[str, int]]] = []
+        self.listener, self.transport = fakeSocket(
+            self.registrar,
+            self.outbox,
+            self.clock,
+            onResponse=lambda response, source: self.responses.append((response, source)),
+        )
+
+    def deliver(self, data: bytes, source: tuple[str, int] = PHONE) -> None:
+        """
+        One datagram arrives at the listening socket.
+        """
+        self.listener.datagramReceived(data, source)
+
+    def takeSent(self) -> list[tuple[bytes, tuple[str, int]]]:
+        """
+        What the socket sent so far, forgotten.
+        """
+        sent, self.transport.written = self.transport.written, []
+        return sent  # type: ignore[return-value]
 
     def send(self, data: bytes, source: tuple[str, int] = PHONE) -> Optional[Response]:
         """
         Deliver a datagram, let the reactor turn end, and return the one
         response sent, if any.
         """
-        self.registrar.datagramReceived(data, source, self.listener)
+        self.deliver(data, source)
         self.clock.advance(0)
-        sent = self.listener.clear()
+        sent = self.takeSent()
         self.assertLessEqual(len(sent), 1)
         if not sent:
             return None
@@ -359,16 +389,12 @@ class DurabilityTests(RegistrarTestCase):
         The 200 OK is held until the end of the reactor turn, when one
         commit covers every REGISTER of the turn.
         """
-        self.registrar.datagramReceived(
-            register(user="a", contacts=["<sip:a@h>"]), PHONE, self.listener
-        )
-        self.registrar.datagramReceived(
-            register(user="b", contacts=["<sip:b@h>"]), PHONE, self.listener
-        )
-        self.assertEqual(self.listener.sent, [])
+        self.deliver(register(user="a", contacts=["<sip:a@h>"]))
+        self.deliver(register(user="b", contacts=["<sip:b@h>"]))
+        self.assertEqual(self.transport.written, [])
         self.assertEqual(self.store.rows, {})
         self.clock.advance(0)
-        self.assertEqual(len(self.listener.sent), 2)
+        self.assertEqual(len(self.transport.written), 2)
         self.assertEqual(self.store.commits, 1)
         self.assertEqual(
             set(self.store.rows),
@@ -380,10 +406,10 @@ class DurabilityTests(RegistrarTestCase):
         When the commit fails, no 200 OK claims what is not on disk.
         """
         self.store.failures = 1
-        self.registrar.datagramReceived(register(), PHONE, self.listener)
+        self.deliver(register())
         self.clock.advance(0)
-        self.assertEqual(self.listener.sent, [])
-        self.assertEqual(self.registrar.stats["store.errors"], 1)
+        self.assertEqual(self.transport.written, [])
+        self.assertEqual(self.stats["store.errors"], 1)
         self.assertTrue(self.store.pending())
         self.flushLoggedErrors(OSError)
 
@@ -510,24 +536,17 @@ class OtherRequestTests(RegistrarTestCase):
         """
         self.assertIsNone(self.send(request("ACK")))
 
-    def test_responseGoesToPayload(self) -> None:
+    def test_responseGoesToItsHandler(self) -> None:
         """
-        A response that arrives goes to the payload strategy, and an answer
-        it matches resets the binding's unanswered count.
+        A response that arrives is not answered; it goes, with its source,
+        to the socket's response handler (the heartbeat sender), and not to
+        the registrar.
         """
-        seen = []
-
-        class Payload:
-            def responseReceived(self, response: Response, source: object) -> object:
-                seen.append((response.code, source))
-                return binding
-
-        self.send(register())
-        [binding] = self.table.lookup("sip:1001@example.com")
-        binding.unanswered = 2
-        self.registrar.payload = Payload()  # type: ignore[assignment]
         self.assertIsNone(self.send(b"SIP/2.0 200 OK\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n\r\n"))
-        self.assertEqual(seen, [(200, PHONE)])
+        [(response, source)] = self.responses
+        self.assertEqual((response.code, response.header("call-id"), source), (200, "x", PHONE))
+        self.assertEqual(self.stats["responses.received"], 1)
+        self.assertNotIn("requests.REGISTER", self.stats)
 
 
 class BadInputTests(RegistrarTestCase):
@@ -572,7 +591,7 @@ class BadInputTests(RegistrarTestCase):
         self.assertIsNone(self.send(b"\x00\x01garbage"))
         self.assertIsNone(self.send(register().replace(b"Via:", b"X-Via:")))
         self.assertIsNone(self.send(register().replace(b"SIP/2.0/UDP", b"SIP/9/UDP")))
-        self.assertEqual(self.registrar.stats["dropped"], 3)
+        self.assertEqual(self.stats["dropped"], 3)
 
     def test_keepalives(self) -> None:
         """
@@ -580,8 +599,8 @@ class BadInputTests(RegistrarTestCase):
         """
         self.assertIsNone(self.send(b"\r\n\r\n"))
         self.assertIsNone(self.send(b"\r\n"))
-        self.assertEqual(self.registrar.stats["keepalives"], 2)
-        self.assertEqual(self.registrar.stats["dropped"], 0)
+        self.assertEqual(self.stats["keepalives"], 2)
+        self.assertEqual(self.stats["dropped"], 0)
 
     def test_stun(self) -> None:
         """
@@ -590,8 +609,8 @@ class BadInputTests(RegistrarTestCase):
         """
         transaction = b"0123456789ab"
         data = b"\x00\x01\x00\x00" + MAGIC_COOKIE.to_bytes(4, "big") + transaction
-        self.registrar.datagramReceived(data, PHONE, self.listener)
-        [(answer, address)] = self.listener.clear()
+        self.deliver(data)
+        [(answer, address)] = self.takeSent()
         self.assertEqual(address, PHONE)
         self.assertEqual(answer[:2], b"\x01\x01")
         self.assertEqual(answer[8:20], transaction)
@@ -614,22 +633,36 @@ class BadInputTests(RegistrarTestCase):
 
 class ProtocolTests(SynchronousTestCase):
     """
-    L{RegistrarProtocol} never lets an exception out.
+    L{SIPProtocol} never lets an exception out.
     """
+
+    def test_provides(self) -> None:
+        """
+        The protocol is a listener, the registrar a controller.
+        """
+        clock = Clock()
+        outbox = Outbox(clock, None, Counter())
+        registrar = Registrar(BindingTable(), clock, outbox, CapExpiry(3600, 300))
+        protocol, _ = fakeSocket(registrar, outbox, clock)
+        self.assertTrue(verifyObject(IListener, protocol))
+        self.assertTrue(verifyObject(ISIPController, registrar))
 
     def test_internalErrorContained(self) -> None:
         """
-        Even a bug in the registrar costs one datagram, counted.
+        Even a bug in the controller costs one datagram, counted.
         """
 
         class Broken(Registrar):
-            def datagramReceived(self, *a: object) -> None:
+            def requestReceived(self, *a: object) -> None:
                 raise RuntimeError("bug")
 
-        registrar = Broken(BindingTable(), Clock(), CapExpiry(3600, 300))
-        protocol = RegistrarProtocol(registrar, "127.0.0.1:5060")
-        protocol.datagramReceived(b"x", ("127.0.0.1", 1))
-        self.assertEqual(registrar.stats["internal.errors"], 1)
+        clock = Clock()
+        outbox = Outbox(clock, None, Counter())
+        protocol, _ = fakeSocket(
+            Broken(BindingTable(), clock, outbox, CapExpiry(3600, 300)), outbox, clock
+        )
+        protocol.datagramReceived(request("OPTIONS"), ("127.0.0.1", 1))
+        self.assertEqual(outbox.stats["internal.errors"], 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
@@ -653,13 +686,16 @@ class ReadingTransport:
 
 class ReadPauseTests(SynchronousTestCase):
     """
-    L{RegistrarProtocol} starts a read at most every C{readPause} seconds.
+    L{SIPProtocol} starts a read at most every C{readPause} seconds.
     """
 
     def setUp(self) -> None:
         self.clock = Clock()
-        registrar = Registrar(BindingTable(), self.clock, CapExpiry(3600, 300))
-        self.protocol = RegistrarProtocol(registrar, "127.0.0.1:5060", readPause=0.001)
+        outbox = Outbox(self.clock, None, Counter())
+        registrar = Registrar(BindingTable(), self.clock, outbox, CapExpiry(3600, 300))
+        self.protocol = SIPProtocol(
+            "127.0.0.1:5060", registrar, outbox, self.clock, outbox.stats, readPause=0.001
+        )
         self.transport = ReadingTransport()
         self.protocol.transport = self.transport  # type: ignore[assignment]
 

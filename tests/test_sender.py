@@ -18,7 +18,7 @@ from natkeep.plugins.natkeep_pacing import RestartPacer, ResumePacer, SpreadPace
 from natkeep.plugins.natkeep_payload import FixedPayload, OptionsPayload
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Request, Response, parseMessage
-from natkeep.strategies import makeStrategy
+from natkeep.strategies import Strategies, makeStrategy
 from natkeep.testing import FakeListener
 
 START = 1000.0
@@ -64,14 +64,12 @@ class SenderTestCase(SynchronousTestCase):
         sender = HeartbeatSender(
             self.table,
             self.clock,
-            payload or FixedPayload(b"HELLO"),
-            pacer or RestartPacer(),
-            expiry or CapExpiry(3600, 300),
-            period=10,
-            sendInterval=1.0,
-            sendOneTime=3,
-            batches=10,
-            **kw,  # type: ignore[arg-type]
+            Settings(period=10, sendInterval=1000, sendOneTime=3, **kw),  # type: ignore[arg-type]
+            Strategies(
+                expiry or CapExpiry(3600, 300),
+                payload or FixedPayload(b"HELLO"),
+                pacer or RestartPacer(),
+            ),
         )
         self.addCleanup(sender.stopService)
         return sender
@@ -315,9 +313,12 @@ class OptionsPayloadTests(SenderTestCase):
         self.assertEqual(message.header("content-length"), "0")
         self.assertTrue(message.header("call-id"))
 
-    def answer(self, payload: OptionsPayload, data: bytes, code: int = 200) -> object:
+    def response(self, data: bytes, code: int = 200) -> Response:
+        """
+        The response a device sends to the heartbeat C{data}.
+        """
         request = parseMessage(data)
-        response = Response(
+        return Response(
             code,
             "OK",
             {
@@ -327,7 +328,9 @@ class OptionsPayloadTests(SenderTestCase):
             },
             b"",
         )
-        return payload.responseReceived(response, ("198.51.100.1", 10000))
+
+    def answer(self, payload: OptionsPayload, data: bytes, code: int = 200) -> object:
+        return payload.responseReceived(self.response(data, code), ("198.51.100.1", 10000))
 
     def test_responseMatched(self) -> None:
         """
@@ -341,6 +344,10 @@ class OptionsPayloadTests(SenderTestCase):
         self.assertIs(self.answer(payload, data), device)
         self.assertIs(self.answer(payload, data, code=404), device)
         self.assertIsNone(self.answer(payload, data.replace(b"Call-ID: tok", b"Call-ID: xx")))
+        self.assertIsNone(self.answer(payload, data.replace(b"1 OPTIONS", b"1 REGISTER")))
+        response = self.response(data)
+        del response.headers["cseq"]
+        self.assertIsNone(payload.responseReceived(response, device.source))
 
     def test_livenessRemovesSilent(self) -> None:
         """
@@ -355,11 +362,31 @@ class OptionsPayloadTests(SenderTestCase):
         for _ in range(3):
             for data, address in self.listener.clear():
                 if address == talker.source:
-                    policy.heartbeatAnswered(self.answer(payload, data))  # type: ignore[arg-type]
+                    sender.responseReceived(self.response(data), address)
             self.clock.advance(10)
         self.assertEqual(self.table.lookup(silent.aor), [])
         self.assertEqual(self.table.lookup(talker.aor), [talker])
         self.assertEqual(sender.stats["bindings.dead"], 1)
+        self.assertEqual(sender.stats["heartbeats.answered"], 3)
+        self.assertEqual(sender.unanswered(talker), 1)
+
+    def test_registerStartsCountAgain(self) -> None:
+        """
+        A REGISTER that changes the binding (new CSeq) proves the device
+        alive as an answer does: the unanswered count starts again.
+        """
+        [device] = self.addDevices(1)
+        sender = self.makeSender(
+            payload=OptionsPayload("tok"), expiry=LivenessExpiry(3600, 300, misses=2)
+        )
+        sender.startService()
+        self.clock.advance(10)
+        self.assertEqual(sender.unanswered(device), 2)
+        device.cseq += 1
+        self.assertEqual(sender.unanswered(device), 0)
+        self.clock.advance(10)
+        self.assertEqual(self.table.lookup(device.aor), [device])
+        self.assertEqual(sender.unanswered(device), 1)
 
 
 class WiringTests(SynchronousTestCase):

@@ -4,12 +4,12 @@ Tests for L{natkeep.sip}, the SIP parser and renderer.
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from natkeep.nat import isPrivateAddress
 from natkeep.sip import (
     MAX_DELTA_SECONDS,
     Request,
     Response,
     SIPError,
-    isPrivateAddress,
     parseCSeq,
     parseDeltaSeconds,
     parseMessage,

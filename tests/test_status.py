@@ -9,8 +9,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from natkeep.config import Settings
 from natkeep.sender import CycleReport
-from natkeep.service import NatkeepService
-from natkeep.status import prometheus, snapshot, statusResource
+from natkeep.status import prometheus, statusResource
+from natkeep.tap import Natkeep
 
 from .helpers import ClockedUDPReactor
 
@@ -21,7 +21,7 @@ class StatusTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.service = NatkeepService(Settings(db=self.mktemp()), ClockedUDPReactor())
+        self.service = Natkeep(Settings(db=self.mktemp()), ClockedUDPReactor())
         self.addCleanup(self.service.store.close)
         self.service.stats["requests.REGISTER"] = 7
         self.service.sender.lastCycle = CycleReport(
@@ -32,7 +32,7 @@ class StatusTests(SynchronousTestCase):
         """
         The snapshot carries counts, the last cycle and the counters.
         """
-        data = snapshot(self.service)
+        data = self.service.snapshot()
         self.assertEqual((data["bindings"], data["nat_bindings"]), (0, 0))
         self.assertEqual(data["last_cycle"]["missed"], 2)
         self.assertEqual(data["counters"], {"requests.REGISTER": 7})
@@ -42,7 +42,7 @@ class StatusTests(SynchronousTestCase):
         Counters become C{_total} counters with safe names; the last cycle
         gauges.
         """
-        text = prometheus(snapshot(self.service))
+        text = prometheus(self.service.snapshot())
         self.assertIn(
             "# TYPE natkeep_requests_REGISTER_total counter\nnatkeep_requests_REGISTER_total 7\n",
             text,
@@ -54,7 +54,7 @@ class StatusTests(SynchronousTestCase):
         """
         C{/status} renders JSON and C{/metrics} text.
         """
-        root = statusResource(self.service)
+        root = statusResource(self.service.snapshot)
         for path, kind in ((b"status", b"application/json"), (b"metrics", b"text/plain")):
             request = DummyRequest([path])
             body = root.getChildWithDefault(path, request).render_GET(request)

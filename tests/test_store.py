@@ -1,10 +1,13 @@
 """
-Tests for L{natkeep.store}: bindings in SQLite, and restoring them.
+Tests for the binding stores: one contract every store must keep (memory,
+SQLite, and any later backend), then what is SQLite's own (schema steps,
+files), and restoring bindings at start.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
@@ -13,8 +16,9 @@ from zope.interface.verify import verifyObject
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.interfaces import IBindingStore
-from natkeep.service import ListenerService, RestoreService
-from natkeep.store import SCHEMA_VERSION, SQLiteStore, StoreError, storedCount
+from natkeep.outbox import Outbox
+from natkeep.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError, storedCount
+from natkeep.tap import BindingsService
 from natkeep.testing import FakeListener, MemoryStore
 
 
@@ -32,32 +36,44 @@ def binding(n: int, expiresAt: float = 500.0, nat: bool = True, listener: object
     )
 
 
-class SQLiteStoreTests(SynchronousTestCase):
+class StoreContractMixin:
     """
-    L{SQLiteStore} keeps what was committed.
+    What every L{IBindingStore} does.  A test case mixes this in and says
+    how to open its store (L{open}, again after L{reopen}) and how to make
+    its next commit fail (L{breakNextCommit}).
     """
+
+    store: IBindingStore
+
+    #: What a commit broken by L{breakNextCommit} raises.
+    commitError: type[Exception]
+
+    def open(self) -> IBindingStore:
+        raise NotImplementedError()
+
+    def reopen(self) -> IBindingStore:
+        """
+        Close the store and open the same one again.
+        """
+        raise NotImplementedError()
+
+    def breakNextCommit(self) -> None:
+        raise NotImplementedError()
 
     def setUp(self) -> None:
-        self.path = self.mktemp()
-        self.store = SQLiteStore(self.path)
-        self.addCleanup(lambda: self.store.close())
-
-    def reopen(self) -> SQLiteStore:
-        self.store.close()
-        self.store = SQLiteStore(self.path)
-        return self.store
+        self.store = self.open()
+        self.addCleanup(lambda: self.store.close())  # type: ignore[attr-defined]
 
     def test_provides(self) -> None:
         """
-        Both stores provide L{IBindingStore}.
+        The store provides L{IBindingStore}.
         """
-        self.assertTrue(verifyObject(IBindingStore, self.store))
-        self.assertTrue(verifyObject(IBindingStore, MemoryStore()))
+        self.assertTrue(verifyObject(IBindingStore, self.store))  # type: ignore[attr-defined]
 
     def test_roundTrip(self) -> None:
         """
         A committed binding comes back whole: NAT flag, source, listening
-        address, Call-ID and CSeq included.
+        address, Call-ID and CSeq included, and restores onto a listener.
         """
         b = binding(1)
         self.store.put(b)
@@ -65,7 +81,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.store.commit()
         self.assertFalse(self.store.pending())
         [row] = list(self.reopen().load(100.0))
-        self.assertEqual(
+        self.assertEqual(  # type: ignore[attr-defined]
             (
                 row.aor,
                 row.uri,
@@ -79,15 +95,12 @@ class SQLiteStoreTests(SynchronousTestCase):
             ),
             (b.aor, b.uri, b.params, b.source, "127.0.0.1:5060", True, 500.0, "call-1", 2),
         )
-
-    def test_uncommittedLost(self) -> None:
-        """
-        What was not committed is not on disk.
-        """
-        self.store.put(binding(1))
-        self.store._db.close()  # a crash: nothing more is written
-        self.store = SQLiteStore(self.path)
-        self.assertEqual(list(self.store.load(0.0)), [])
+        listener = FakeListener()
+        again = row.restore(listener)
+        self.assertEqual(  # type: ignore[attr-defined]
+            (again.source, again.listener, again.nat, again.expiresAt),
+            (b.source, listener, True, 500.0),
+        )
 
     def test_latestValues(self) -> None:
         """
@@ -99,7 +112,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.store.put(b)
         self.store.commit()
         [row] = list(self.reopen().load(0.0))
-        self.assertEqual(row.cseq, 9)
+        self.assertEqual(row.cseq, 9)  # type: ignore[attr-defined]
 
     def test_delete(self) -> None:
         """
@@ -113,17 +126,34 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.store.delete(b)
         self.store.put(b)
         self.store.commit()
-        self.assertEqual([r.aor for r in self.reopen().load(0.0)], [b.aor])
+        self.assertEqual([r.aor for r in self.reopen().load(0.0)], [b.aor])  # type: ignore[attr-defined]
 
     def test_expiredDroppedOnLoad(self) -> None:
         """
-        Loading drops rows that expired meanwhile, from the file too.
+        Loading drops rows that expired meanwhile, from the store too.
         """
         self.store.put(binding(1, expiresAt=50.0))
         self.store.put(binding(2, expiresAt=150.0))
         self.store.commit()
-        self.assertEqual([r.aor for r in self.store.load(100.0)], ["sip:2@example.com"])
-        self.assertEqual(self.store.count(), 1)
+        self.assertEqual(  # type: ignore[attr-defined]
+            [r.aor for r in self.store.load(100.0)], ["sip:2@example.com"]
+        )
+        self.assertEqual(self.store.count(0.0), 1)  # type: ignore[attr-defined]
+
+    def test_count(self) -> None:
+        """
+        C{count} counts the committed bindings alive at the given time, or
+        only those behind NAT.
+        """
+        self.store.put(binding(1, nat=True))
+        self.store.put(binding(2, nat=False))
+        self.store.put(binding(3, expiresAt=10.0))
+        self.assertEqual(self.store.count(0.0), 0)  # type: ignore[attr-defined]
+        self.store.commit()
+        self.assertEqual(  # type: ignore[attr-defined]
+            [self.store.count(0.0), self.store.count(100.0), self.store.count(100.0, True)],
+            [3, 2, 1],
+        )
 
     def test_order(self) -> None:
         """
@@ -134,7 +164,126 @@ class SQLiteStoreTests(SynchronousTestCase):
             self.store.commit()
         self.store.put(binding(3))
         self.store.commit()
-        self.assertEqual([r.cseq for r in self.reopen().load(0.0)], [6, 4, 10])
+        self.assertEqual(  # type: ignore[attr-defined]
+            [r.cseq for r in self.reopen().load(0.0)], [6, 4, 10]
+        )
+
+    def test_failedCommitKeepsWrites(self) -> None:
+        """
+        A commit that fails keeps its writes, and the next commit makes them
+        durable.
+        """
+        self.store.put(binding(1))
+        self.breakNextCommit()
+        self.assertRaises(self.commitError, self.store.commit)  # type: ignore[attr-defined]
+        self.assertTrue(self.store.pending())  # type: ignore[attr-defined]
+        self.store.commit()
+        self.assertEqual(  # type: ignore[attr-defined]
+            [r.aor for r in self.reopen().load(0.0)], ["sip:1@example.com"]
+        )
+
+    def test_failedCommitThenDelete(self) -> None:
+        """
+        A binding deleted after the commit that held its put failed stays
+        deleted; one put again after the failed commit's delete is stored.
+        """
+        a, b = binding(1), binding(2)
+        self.store.put(b)
+        self.store.commit()
+        self.store.put(a)
+        self.store.delete(b)
+        self.breakNextCommit()
+        self.assertRaises(self.commitError, self.store.commit)  # type: ignore[attr-defined]
+        self.store.delete(a)
+        self.store.put(b)
+        self.store.commit()
+        self.assertEqual(  # type: ignore[attr-defined]
+            [r.aor for r in self.reopen().load(0.0)], [b.aor]
+        )
+
+
+class MemoryStoreTests(StoreContractMixin, SynchronousTestCase):
+    """
+    The contract, kept by L{MemoryStore}.
+    """
+
+    commitError = OSError
+
+    def open(self) -> MemoryStore:
+        return MemoryStore()
+
+    def reopen(self) -> MemoryStore:
+        assert isinstance(self.store, MemoryStore)
+        self.store.close()
+        self.store = MemoryStore(self.store.rows)
+        return self.store
+
+    def breakNextCommit(self) -> None:
+        assert isinstance(self.store, MemoryStore)
+        self.store.failures = 1
+
+
+class SQLiteContractTests(StoreContractMixin, SynchronousTestCase):
+    """
+    The contract, kept by L{SQLiteStore}.
+    """
+
+    commitError = sqlite3.Error
+
+    def open(self) -> SQLiteStore:
+        self.path = self.mktemp()
+        return SQLiteStore(self.path)
+
+    def reopen(self) -> SQLiteStore:
+        self.store.close()
+        self.store = SQLiteStore(self.path)
+        return self.store
+
+    def breakNextCommit(self) -> None:
+        assert isinstance(self.store, SQLiteStore)
+        db = self.store._db
+        db.execute("ALTER TABLE bindings RENAME TO hidden")
+        original = self.store.commit
+
+        def commitOnce() -> None:
+            self.store.commit = original  # type: ignore[method-assign]
+            try:
+                original()
+            finally:
+                db.execute("ALTER TABLE hidden RENAME TO bindings")
+
+        self.store.commit = commitOnce  # type: ignore[method-assign]
+
+
+class SQLiteStoreTests(SynchronousTestCase):
+    """
+    What is L{SQLiteStore}'s own: the file, its schema and its faults.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.store = SQLiteStore(self.path)
+        self.addCleanup(lambda: self.store.close())
+
+    def reopen(self) -> SQLiteStore:
+        self.store.close()
+        self.store = SQLiteStore(self.path)
+        return self.store
+
+    def test_location(self) -> None:
+        """
+        The store's location is its file.
+        """
+        self.assertEqual(self.store.location, self.path)
+
+    def test_uncommittedLost(self) -> None:
+        """
+        What was not committed is not on disk.
+        """
+        self.store.put(binding(1))
+        self.store._db.close()  # a crash: nothing more is written
+        self.store = SQLiteStore(self.path)
+        self.assertEqual(list(self.store.load(0.0)), [])
 
     def test_schemaVersion(self) -> None:
         """
@@ -150,6 +299,36 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.assertIn("newer", str(error))
         self.store = SQLiteStore(self.mktemp())
 
+    def indexes(self) -> list[str]:
+        with sqlite3.connect(self.path) as db:
+            return [
+                name
+                for (name,) in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'bindings'"
+                    " AND name NOT LIKE 'sqlite_autoindex%'"
+                )
+            ]
+
+    def test_stepOneCreates(self) -> None:
+        """
+        Step 0 to 1 makes the bindings table with its expiry index; run
+        alone on a new file, it leaves version 1.
+        """
+        path = self.mktemp()
+        with sqlite3.connect(path) as db:
+            db.executescript(MIGRATIONS[0])
+            db.execute("PRAGMA user_version=1")
+            db.execute(
+                "INSERT INTO bindings VALUES "
+                "('sip:1@example.com', 'sip:1@h', '', '198.51.100.7', 1, '127.0.0.1:5060',"
+                " 1, 500.0, 'c', 1)"
+            )
+        self.path = path
+        self.assertEqual(self.indexes(), ["bindings_expiry"])
+        store = SQLiteStore(path)
+        self.addCleanup(store.close)
+        self.assertEqual([r.aor for r in store.load(0.0)], ["sip:1@example.com"])
+
     def test_upgradeFromVersion1(self) -> None:
         """
         A version 1 file, which indexed C{expires_at}, opens with its
@@ -161,14 +340,37 @@ class SQLiteStoreTests(SynchronousTestCase):
         with sqlite3.connect(self.path) as db:
             db.execute("CREATE INDEX bindings_expiry ON bindings (expires_at)")
             db.execute("PRAGMA user_version=1")
+        self.assertEqual(self.indexes(), ["bindings_expiry"])
         store = self.reopen()
         self.assertEqual([r.aor for r in store.load(0.0)], ["sip:1@example.com"])
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
-            indexes = db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'bindings'"
-            ).fetchall()
-        self.assertNotIn(("bindings_expiry",), indexes)
+        self.assertEqual(self.indexes(), [])
+
+    def test_unversionedFileIsVersion1(self) -> None:
+        """
+        A file with the bindings table but no recorded version, written
+        before versions were recorded, is upgraded as version 1.
+        """
+        self.store.put(binding(1))
+        self.store.commit()
+        self.store.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute("PRAGMA user_version=0")
+        store = self.reopen()
+        self.assertEqual([r.aor for r in store.load(0.0)], ["sip:1@example.com"])
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+
+    def test_newFileAtCurrentVersion(self) -> None:
+        """
+        A new file goes through every step: the current version, no expiry
+        index.
+        """
+        self.assertEqual(SCHEMA_VERSION, len(MIGRATIONS))
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+        self.assertEqual(self.indexes(), [])
 
     def test_corrupt(self) -> None:
         """
@@ -187,16 +389,6 @@ class SQLiteStoreTests(SynchronousTestCase):
         """
         error = self.assertRaises(StoreError, SQLiteStore, "/nonexistent/dir/natkeep.sqlite")
         self.assertIn("/nonexistent/dir/natkeep.sqlite", str(error))
-
-    def test_failedCommitKeepsWrites(self) -> None:
-        """
-        A commit that fails rolls back and keeps its writes for the next.
-        """
-        self.store.put(binding(1))
-        self.store._db.execute("DROP TABLE bindings")
-        self.assertRaises(sqlite3.Error, self.store.commit)
-        self.assertTrue(self.store.pending())
-        self.store = SQLiteStore(self.mktemp())
 
     def test_noUnboundedGrowth(self) -> None:
         """
@@ -218,7 +410,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         for round in range(1, 11):
             churn(round * 2000)
         self.store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.assertEqual(self.store.count(), 0)
+        self.assertEqual(self.store.count(0.0), 0)
         # Ten times the churn; growth would be tenfold, reuse keeps it flat
         # but for a little index fragmentation.
         self.assertLess(FilePath(self.path).getsize(), size * 1.25)
@@ -260,11 +452,16 @@ class RestoreTests(SynchronousTestCase):
             store.put(b)
         store.commit()
         table = BindingTable(removed=store.delete)
-        listeners = ListenerService(None, (), None)  # type: ignore[arg-type]
-        listeners.listeners["127.0.0.1:5060"] = here  # type: ignore[assignment]
         clock = Clock()
         clock.advance(100)
-        RestoreService(store, table, listeners, clock).startService()  # type: ignore[arg-type]
+        service = BindingsService(
+            store,
+            table,
+            {"127.0.0.1:5060": here},  # type: ignore[dict-item]
+            Outbox(clock, store, Counter()),
+            clock,
+        )
+        service.startService()
         [restored] = table.lookup(kept.aor)
         self.assertIs(restored.listener, here)
         self.assertEqual(

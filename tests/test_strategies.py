@@ -5,15 +5,16 @@ name through Twisted's plugin system.
 
 from __future__ import annotations
 
+import io
+
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from natkeep.bindings import Binding
 from natkeep.config import ConfigError, Settings
 from natkeep.interfaces import IExpiryPolicy, IPacer, IPayload, IStrategyMaker
-from natkeep.plugins.natkeep_expiry import LivenessExpiry
+from natkeep.plan import printPlan
+from natkeep.plugins.natkeep_expiry import CapExpiry, LivenessExpiry
 from natkeep.strategies import describeStrategies, installedStrategies, makeStrategy
-from natkeep.testing import FakeListener
 
 from .dropin import installDropin
 
@@ -40,7 +41,7 @@ class BuiltinTests(StrategyTestCase):
 
     def test_builtinsInstalled(self) -> None:
         """
-        Every built-in of SPEC §4 is installed under its name.
+        Every built-in strategy is installed under its name.
         """
         for interface, names in BUILTINS.items():
             self.assertTrue(names <= set(installedStrategies(interface)))
@@ -81,7 +82,7 @@ class BuiltinTests(StrategyTestCase):
 
 class ExpiryPolicyTests(StrategyTestCase):
     """
-    The built-in expiry policies grant as SPEC §4 says.
+    The built-in expiry policies grant what their names say.
     """
 
     def test_cap(self) -> None:
@@ -105,17 +106,49 @@ class ExpiryPolicyTests(StrategyTestCase):
 
     def test_liveness(self) -> None:
         """
-        C{liveness} allows N unanswered heartbeats, then asks for removal;
-        an answer starts the count again.
+        C{liveness} keeps a binding while fewer than N heartbeats in a row
+        went unanswered; C{cap} keeps it whatever the count.
         """
         policy = LivenessExpiry(3600, 300, misses=2)
-        b = Binding("a", "u", "", ("h", 1), FakeListener(), True, 100.0, "c", 1)
-        self.assertEqual([policy.heartbeatDue(b), policy.heartbeatDue(b)], [True, True])
-        policy.heartbeatAnswered(b)
+        self.assertEqual([policy.alive(n) for n in range(4)], [True, True, False, False])
+        self.assertTrue(policy.tracksHeartbeats)
+        self.assertEqual([CapExpiry(3600, 300).alive(n) for n in (0, 100)], [True, True])
+        self.assertFalse(CapExpiry(3600, 300).tracksHeartbeats)
+
+
+class DescriptionTests(StrategyTestCase):
+    """
+    Built-in makers describe their strategies for the capacity plan.
+    """
+
+    def test_heartbeatSize(self) -> None:
+        """
+        Payload makers give the bytes of one heartbeat; others give none.
+        """
+        settings = Settings(message=b"HELLO")
+        sizes = {
+            name: maker.heartbeatSize(settings)
+            for name, maker in installedStrategies(IPayload).items()
+        }
+        self.assertEqual((sizes["raw"], sizes["crlf"]), (5, 4))
+        self.assertGreater(sizes["options"], 100)
+        self.assertIsNone(installedStrategies(IPacer)["restart"].heartbeatSize(settings))
+
+    def test_pace(self) -> None:
+        """
+        Pacing makers say how many heartbeats a period sends and how often
+        a device gets one, past capacity too.
+        """
+        settings = Settings(period=10, sendInterval=1000, sendOneTime=3)
+        pacers = installedStrategies(IPacer)
         self.assertEqual(
-            [policy.heartbeatDue(b), policy.heartbeatDue(b), policy.heartbeatDue(b)],
-            [True, True, False],
+            pacers["restart"].pace(settings, 40),
+            (30, "every 10 s for the first 30 devices; never for the other 10"),
         )
+        self.assertEqual(pacers["resume"].pace(settings, 40), (30, "at least every 20 s"))
+        self.assertEqual(pacers["spread"].pace(settings, 40), (40, "every 10 s"))
+        self.assertEqual(pacers["restart"].pace(settings, 20), (20, "every 10 s"))
+        self.assertIsNone(installedStrategies(IPayload)["raw"].pace(settings, 20))
 
 
 class ThirdPartyTests(StrategyTestCase):
@@ -137,6 +170,19 @@ class ThirdPartyTests(StrategyTestCase):
         self.assertEqual(shout.fixed, b"HELLO!")
         self.assertProvides(IPacer, makeStrategy(IPacer, "reverse", settings))
         self.assertIn("cap", installedStrategies(IExpiryPolicy))
+
+    def test_describesItselfInPlan(self) -> None:
+        """
+        The capacity plan lists a drop-in pacing with what its maker says
+        of itself, and its advice: no core module needs to know it.
+        """
+        installDropin(self)
+        out = io.StringIO()
+        printPlan(Settings(pacing="reverse", period=10), "5", out)
+        plan = out.getvalue()
+        self.assertIn("   * reverse  newest first, every 10 s\n", plan)
+        self.assertIn("  warning: reverse pacing is a test drop-in\n", plan)
+        self.assertIn("     restart  every 10 s\n", plan)
 
     def test_goneWithoutDropin(self) -> None:
         """

@@ -8,8 +8,8 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from natkeep.config import Settings
-from natkeep.service import NatkeepService
 from natkeep.sip import Response, parseMessage, parseVia
+from natkeep.tap import Natkeep
 from natkeep.testing import register
 
 from .helpers import ClockedUDPReactor, Device, freePort, startDevice
@@ -17,12 +17,13 @@ from .helpers import ClockedUDPReactor, Device, freePort, startDevice
 
 class ServiceTestCase(TestCase):
     """
-    A whole L{NatkeepService} on real loopback sockets with a fake clock.
+    The whole of natkeep (L{Natkeep}'s service tree) on real loopback
+    sockets with a fake clock.
     """
 
     host = "127.0.0.1"
 
-    def startService(self, **kw: object) -> NatkeepService:
+    def startService(self, **kw: object) -> Natkeep:
         port = freePort(host=self.host) if ":" not in self.host else freePort(10, self.host)
         address = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         self.server = (self.host, port)
@@ -32,10 +33,10 @@ class ServiceTestCase(TestCase):
         settings = Settings(listen=(address,), db=self.mktemp(), **kw)  # type: ignore[arg-type]
         self.reactor = ClockedUDPReactor()
         self.reactor.clock.advance(1_000_000)
-        service = NatkeepService(settings, self.reactor)
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
+        natkeep = Natkeep(settings, self.reactor)
+        natkeep.service.startService()
+        self.addCleanup(natkeep.service.stopService)
+        return natkeep
 
     @defer.inlineCallbacks
     def registerDevice(self, device: Device, user: str, **kw: object):  # type: ignore[no-untyped-def]
@@ -89,12 +90,13 @@ class ReadPauseTests(ServiceTestCase):
     After a turn that empties the socket, reading waits C{read_pause}.
     """
 
-    def reading(self, service: NatkeepService) -> bool:
-        [port] = service.listeners._ports
+    def reading(self, service: Natkeep) -> bool:
+        [protocol] = service.protocols.values()
+        port = protocol.transport
         return port in reactor.getReaders()  # type: ignore[attr-defined]
 
-    def resumeCalls(self, service: NatkeepService) -> list[object]:
-        [protocol] = service.listeners.listeners.values()
+    def resumeCalls(self, service: Natkeep) -> list[object]:
+        [protocol] = service.protocols.values()
         return [
             call
             for call in self.reactor.clock.getDelayedCalls()
@@ -140,7 +142,8 @@ class ReadPauseTests(ServiceTestCase):
         waiting: no pause follows it.
         """
         service = self.startService(readPause=50)
-        [port] = service.listeners._ports
+        [protocol] = service.protocols.values()
+        port = protocol.transport
         port.maxThroughput = 1
         device = startDevice(self)
         for user in ("3006", "3007"):
@@ -159,9 +162,9 @@ class ReadPauseTests(ServiceTestCase):
         device = startDevice(self)
         yield self.registerDevice(device, "3008")
         self.assertEqual(len(self.resumeCalls(service)), 1)
-        [protocol] = service.listeners.listeners.values()
+        [protocol] = service.protocols.values()
         resume = protocol._resumeCall
-        yield service.stopService()
+        yield service.service.stopService()
         self.assertFalse(resume.active())
 
 
@@ -308,7 +311,7 @@ class ReloadTests(ServiceTestCase):
         service.reloadSettings = provide
         self.assertTrue(service.reload())
         self.assertEqual((service.sender.period, service.sender.pacer.name), (20, "spread"))
-        [protocol] = service.listeners.listeners.values()
+        [protocol] = service.protocols.values()
         self.assertEqual(protocol.readPause, 0.007)
         self.assertEqual(len(service.table.lookup("sip:8001@example.com")), 1)
         data, _ = yield device.next()

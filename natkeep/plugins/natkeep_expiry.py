@@ -7,7 +7,6 @@ from __future__ import annotations
 import attrs
 from zope.interface import implementer
 
-from natkeep.bindings import Binding
 from natkeep.interfaces import IExpiryPolicy
 from natkeep.strategies import StrategyMaker
 
@@ -28,11 +27,8 @@ class CapExpiry:
     def grant(self, requested: int, nat: bool) -> int:
         return min(requested, self.endpointNatExpire if nat else self.endpointExpire)
 
-    def heartbeatDue(self, binding: Binding) -> bool:
+    def alive(self, unanswered: int) -> bool:
         return True
-
-    def heartbeatAnswered(self, binding: Binding) -> None:
-        pass
 
 
 @implementer(IExpiryPolicy)
@@ -62,14 +58,8 @@ class LivenessExpiry(CapExpiry):
     name = "liveness"
     tracksHeartbeats = True
 
-    def heartbeatDue(self, binding: Binding) -> bool:
-        if binding.unanswered >= self.misses:
-            return False
-        binding.unanswered += 1
-        return True
-
-    def heartbeatAnswered(self, binding: Binding) -> None:
-        binding.unanswered = 0
+    def alive(self, unanswered: int) -> bool:
+        return unanswered < self.misses
 
 
 cap = StrategyMaker(

@@ -5,12 +5,15 @@ C{spread}.
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from typing import Collection, Optional, Sequence
 
 import attrs
 from zope.interface import implementer
 
 from natkeep.bindings import Binding
+from natkeep.config import Settings
 from natkeep.interfaces import ICycle, IPacer
 from natkeep.strategies import StrategyMaker
 
@@ -127,17 +130,33 @@ class SpreadPacer:
     def startCycle(
         self, bindings: Collection[Binding], batches: int, batchSize: int
     ) -> SlottedCycle:
-        slots: dict[int, list[Binding]] = {}
-        count = 0
+        # One pass, as cheap per binding as Python allows: this runs for
+        # every NATed binding every period.
+        slots: defaultdict[int, list[Binding]] = defaultdict(list)
         for binding in bindings:
-            slot = binding.phase % batches
-            bucket = slots.get(slot)
-            if bucket is None:
-                slots[slot] = [binding]
-            else:
-                bucket.append(binding)
-            count += 1
-        return SlottedCycle(slots, batches, count)
+            slots[binding.phase % batches].append(binding)
+        return SlottedCycle(slots, batches, len(bindings))
+
+
+def _restartPace(settings: Settings, devices: int) -> tuple[int, str]:
+    period, capacity = settings.period, settings.capacity
+    if devices <= capacity:
+        return devices, f"every {period} s"
+    return capacity, (
+        f"every {period} s for the first {capacity} devices; "
+        f"never for the other {devices - capacity}"
+    )
+
+
+def _resumePace(settings: Settings, devices: int) -> tuple[int, str]:
+    period, capacity = settings.period, settings.capacity
+    if devices <= capacity:
+        return devices, f"every {period} s"
+    return capacity, f"at least every {period * math.ceil(devices / capacity)} s"
+
+
+def _spreadPace(settings: Settings, devices: int) -> tuple[int, str]:
+    return devices, f"every {settings.period} s"
 
 
 restart = StrategyMaker(
@@ -145,16 +164,19 @@ restart = StrategyMaker(
     IPacer,
     "VOS3000 exactly: each period starts over; an overrun tail is missed (default)",
     lambda s: RestartPacer(),
+    pacing=_restartPace,
 )
 resume = StrategyMaker(
     "resume",
     IPacer,
     "an unfinished cycle continues next period: nobody starves past capacity",
     lambda s: ResumePacer(),
+    pacing=_resumePace,
 )
 spread = StrategyMaker(
     "spread",
     IPacer,
     "stable per-binding phase: flat load, one heartbeat per PERIOD per device",
     lambda s: SpreadPacer(),
+    pacing=_spreadPace,
 )

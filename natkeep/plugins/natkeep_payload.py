@@ -4,15 +4,20 @@ Built-in heartbeat payloads: C{raw} (the default), C{crlf} and C{options}.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Sequence
 
 import attrs
 from zope.interface import implementer
 
 from natkeep.bindings import DEAD, Binding
+from natkeep.config import Settings
 from natkeep.interfaces import IPayload
-from natkeep.sip import Response, parseCSeq, renderRequest
+from natkeep.sip import Response
 from natkeep.strategies import StrategyMaker
+
+#: The size of a typical C{options} heartbeat, for the capacity plan.
+OPTIONS_SIZE = 330
 
 
 @implementer(IPayload)
@@ -21,11 +26,16 @@ class FixedPayload:
     """
     The same bytes to every binding: SS_SIP_NAT_KEEP_ALIVE_MESSAGE as a raw
     UDP datagram (C{raw}, as VOS3000 sends it), or a double CRLF (C{crlf},
-    the RFC 5626 §4.4.1 ping every SIP stack ignores).
+    the RFC 5626 §4.4.1 ping every SIP stack ignores).  No bytes at all
+    switch heartbeats off.
     """
 
     fixed: bytes
     name: str = "raw"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.fixed)
 
     def payloadFor(self, binding: Binding) -> bytes:
         return self.fixed
@@ -52,49 +62,53 @@ class OptionsPayload:
     """
 
     token: str
-    fixed: Optional[bytes] = None
     name = "options"
+    enabled = True
+    fixed: Optional[bytes] = None
     _outstanding: dict[str, Binding] = attrs.field(factory=dict)
+    _heads: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     _cseq: int = 0
 
     def callIdFor(self, binding: Binding) -> str:
         return f"{self.token}-{binding.phase}@natkeep"
 
-    def payloadFor(self, binding: Binding) -> bytes:
-        self._cseq += 1
-        callId = self.callIdFor(binding)
-        self._outstanding[callId] = binding
-        host = binding.listener.address.rpartition(":")[0]
-        return renderRequest(
-            "OPTIONS",
-            binding.uri,
-            [
-                (
-                    "Via",
-                    f"SIP/2.0/UDP {binding.listener.address};"
-                    f"branch=z9hG4bK{self.token}.{self._cseq};rport",
-                ),
-                ("Max-Forwards", "70"),
-                ("From", f"<sip:natkeep@{host}>;tag={self.token}"),
-                ("To", f"<{binding.uri}>"),
-                ("Call-ID", callId),
-                ("CSeq", f"{self._cseq} OPTIONS"),
-                ("User-Agent", "natkeep"),
-            ],
+    def _head(self, address: str) -> tuple[str, str]:
+        """
+        The parts of every heartbeat from the socket at C{address} that do
+        not change: the Via up to its branch, and the From.
+        """
+        host = address.rpartition(":")[0]
+        head = self._heads[address] = (
+            f"Via: SIP/2.0/UDP {address};rport;branch=z9hG4bK{self.token}.",
+            f"From: <sip:natkeep@{host}>;tag={self.token}\r\n",
         )
+        return head
+
+    def payloadFor(self, binding: Binding) -> bytes:
+        self._cseq = cseq = self._cseq + 1
+        callId = f"{self.token}-{binding.phase}@natkeep"
+        self._outstanding[callId] = binding
+        address = binding.listener.address
+        via, sender = self._heads.get(address) or self._head(address)
+        uri = binding.uri
+        return (
+            f"OPTIONS {uri} SIP/2.0\r\n{via}{cseq}\r\nMax-Forwards: 70\r\n{sender}"
+            f"To: <{uri}>\r\nCall-ID: {callId}\r\nCSeq: {cseq} OPTIONS\r\n"
+            "User-Agent: natkeep\r\nContent-Length: 0\r\n\r\n"
+        ).encode("utf-8")
 
     def responseReceived(self, response: Response, source: tuple[str, int]) -> Optional[Binding]:
-        callId = response.header("call-id")
-        cseq = response.header("cseq")
-        if callId is None or cseq is None:
+        headers = response.headers
+        callIds = headers.get("call-id")
+        if not callIds:
             return None
-        try:
-            if parseCSeq(cseq)[1] != "OPTIONS":
-                return None
-        except Exception:
-            return None
-        binding = self._outstanding.get(callId)
+        binding = self._outstanding.get(callIds[0])
         if binding is None or binding.expiresAt == DEAD:
+            return None
+        # The Call-ID, which holds this run's random token, is the match;
+        # the CSeq only has to be an OPTIONS one.
+        cseqs = headers.get("cseq")
+        if not cseqs or not cseqs[0].endswith(" OPTIONS"):
             return None
         return binding
 
@@ -105,9 +119,13 @@ class OptionsPayload:
 
 
 def _token() -> str:
-    import os
-
     return os.urandom(4).hex()
+
+
+def _emptyMessage(settings: Settings, devices: Optional[int]) -> Sequence[str]:
+    if settings.message:
+        return ()
+    return ["SS_SIP_NAT_KEEP_ALIVE_MESSAGE is empty: no heartbeats will be sent"]
 
 
 raw = StrategyMaker(
@@ -115,13 +133,20 @@ raw = StrategyMaker(
     IPayload,
     "SS_SIP_NAT_KEEP_ALIVE_MESSAGE as a raw UDP datagram (default)",
     lambda s: FixedPayload(s.message, "raw"),
+    size=lambda s: len(s.message),
+    advice=_emptyMessage,
 )
 crlf = StrategyMaker(
-    "crlf", IPayload, "a double CRLF (RFC 5626 ping)", lambda s: FixedPayload(b"\r\n\r\n", "crlf")
+    "crlf",
+    IPayload,
+    "a double CRLF (RFC 5626 ping)",
+    lambda s: FixedPayload(b"\r\n\r\n", "crlf"),
+    size=lambda s: 4,
 )
 options = StrategyMaker(
     "options",
     IPayload,
     "a SIP OPTIONS per binding; answers prove the device alive",
     lambda s: OptionsPayload(_token()),
+    size=lambda s: OPTIONS_SIZE,
 )
