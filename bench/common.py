@@ -29,7 +29,7 @@ def bigReceiveBuffer(s: socket.socket, size: int) -> None:
     Give C{s} a receive buffer of C{size} bytes, past rmem_max when root,
     so that a meter can queue whole bursts.
     """
-    from natkeep.service import SO_RCVBUFFORCE
+    from natkeep.protocol import SO_RCVBUFFORCE
 
     for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
         if option is None:

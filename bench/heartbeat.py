@@ -10,7 +10,12 @@ every heartbeat:
 - beside it, in the same run, a bare Python loop calling socket.sendto on
   the same destinations: the floor for a Python sender.
 
-    python bench/heartbeat.py --devices 10000 [--window 60]
+With C{--payload options} every heartbeat is a SIP OPTIONS, and the meter
+answers each with a 200 OK sent from the device's own address, so natkeep's
+CPU per heartbeat includes reading and matching the answer.  C{--pacing}
+picks the pacing strategy (C{restart} by default).
+
+    python bench/heartbeat.py --devices 10000 [--window 60] [--payload options] [--pacing spread]
 
 Prints text and one JSON line.  Everything goes to 127.0.0.0/8; the loops
 are bounded by the device count and the window.
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,9 +56,26 @@ def socketDrops(port: int) -> int:
     return -1
 
 
+def answerOptions(data: bytes) -> bytes:
+    """
+    The 200 OK a phone sends to an OPTIONS: Via, From, To, Call-ID and
+    CSeq copied, a To tag added.
+    """
+    lines = [b"SIP/2.0 200 OK"]
+    for line in data.split(b"\r\n"):
+        name = line.split(b":", 1)[0].lower()
+        if name in (b"via", b"from", b"call-id", b"cseq"):
+            lines.append(line)
+        elif name == b"to":
+            lines.append(line + b";tag=meter")
+    lines.append(b"Content-Length: 0\r\n\r\n")
+    return b"\r\n".join(lines)
+
+
 def meter(devices: int, start: float, end: float, period: float, out: str) -> None:
     """
     Receive heartbeats until C{end} (monotonic); write per-window figures.
+    An OPTIONS heartbeat is answered from the address it was sent to.
     """
     pin(1)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -73,11 +96,12 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
             break
         s.settimeout(left)
         try:
-            data, ancillary, _, _ = s.recvmsg(64, cmsgSpace)
+            data, ancillary, _, source = s.recvmsg(2048, cmsgSpace)
         except socket.timeout:
             break
         now = time.monotonic()
-        if data != b"HELLO":
+        options = data.startswith(b"OPTIONS ")
+        if data != b"HELLO" and not options:
             floor += 1
             continue
         for level, kind, value in ancillary:
@@ -87,6 +111,13 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
                 break
         else:
             continue
+        if options:
+            # Answer from the device's own address, as a phone would.
+            info = struct.pack("I4s4s", 0, value[8:12], b"\0\0\0\0")
+            try:
+                s.sendmsg([answerOptions(data)], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, source)
+            except OSError:
+                pass
         if not 0 <= n < devices:
             continue
         previous = last[n]
@@ -124,6 +155,16 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
             },
             f,
         )
+
+
+def readCounters(status: str) -> dict[str, int]:
+    """
+    natkeep's counters from its C{/status} endpoint on loopback.
+    """
+    from urllib.request import urlopen
+
+    with urlopen(f"http://{status}/status", timeout=10) as response:
+        return dict(json.load(response)["counters"])
 
 
 def startMeter(
@@ -182,6 +223,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=10000)
     parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--payload", default="raw", help="payload strategy (raw or options)")
+    parser.add_argument("--pacing", default="restart", help="pacing strategy")
     parser.add_argument(
         "--meter", nargs=4, metavar=("START", "END", "PERIOD", "OUT"), help=argparse.SUPPRESS
     )
@@ -195,6 +238,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="natkeep-bench-")
     port = freePort()
     listen = f"127.0.0.1:{port}"
+    status = f"127.0.0.1:{freePort()}"
     fillStore(os.path.join(workdir, "natkeep.sqlite"), devices, listen)
     batches = 20
     oneTime = max(1, math.ceil(devices * 1.25 / batches))
@@ -221,6 +265,12 @@ def main() -> None:
             str(oneTime),
             "--endpoint-nat-expire",
             "3600",
+            "--payload",
+            args.payload,
+            "--pacing",
+            args.pacing,
+            "--status",
+            status,
         ],
     )
     try:
@@ -232,6 +282,7 @@ def main() -> None:
         while time.monotonic() < end:
             time.sleep(0.05)
         cpu = natkeep.cpuSeconds() - cpuBefore
+        counters = readCounters(status)
     finally:
         meterProcess.wait(window + 60)
         natkeep.stop()
@@ -240,6 +291,8 @@ def main() -> None:
     figures.update(
         {
             "devices": devices,
+            "payload": args.payload,
+            "pacing": args.pacing,
             "period_s": PERIOD,
             "send_interval_ms": PERIOD * 1000 // batches,
             "send_one_time": oneTime,
@@ -247,10 +300,14 @@ def main() -> None:
             "natkeep_cpu_us_per_heartbeat": cpu / max(figures["received"], 1) * 1e6,
             "bare_loop_cpu_us_per_datagram": floor,
             "natkeep_rss_bytes": rss,
+            "answers_matched": counters.get("heartbeats.answered", 0),
         }
     )
     figures["ratio_to_bare_loop"] = figures["natkeep_cpu_us_per_heartbeat"] / floor
-    print(f"devices {devices}, PERIOD {PERIOD} s, window {window:.0f} s")
+    print(
+        f"devices {devices}, PERIOD {PERIOD} s, window {window:.0f} s, "
+        f"payload {args.payload}, pacing {args.pacing}"
+    )
     print(f"  heartbeats/s                 {figures['per_s']:.0f}")
     print(f"  natkeep CPU per heartbeat    {figures['natkeep_cpu_us_per_heartbeat']:.2f} us")
     print(f"  bare sendto loop (floor)     {floor:.2f} us per datagram")
@@ -260,6 +317,7 @@ def main() -> None:
         f"({figures['max_gap_ratio']:.3f} x PERIOD)"
     )
     print(f"  reached every period         {figures['reached_every_period'] * 100:.2f} %")
+    print(f"  answers matched (options)    {figures['answers_matched']}")
     print(json.dumps({"benchmark": "heartbeat", **figures}))
 
 

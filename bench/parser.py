@@ -1,7 +1,8 @@
 """
 REGISTER parse cost: natkeep's focused parser against the maintained
 pure-Python parser sipmessage (when installed), and the full registrar
-handling of one REGISTER (parse, bind, answer; store off).
+handling of one REGISTER through its listening socket (parse, bind,
+answer; store off).
 
     python bench/parser.py [--count N]
 
@@ -13,14 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 
 from twisted.internet.task import Clock
 
 from natkeep.bindings import BindingTable
+from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry
 from natkeep.registrar import Registrar
 from natkeep.sip import parseMessage, parseNameAddr, parseVia
-from natkeep.testing import FakeListener, register
+from natkeep.testing import fakeSocket, register
 
 
 def perCall(fn, items, repeat: int = 3) -> float:
@@ -65,12 +68,14 @@ def main() -> None:
         results["sipmessage_parse_us"] = perCall(sipmessageParse, datagrams[:5000])
 
     clock = Clock()
-    listener = FakeListener()
-    registrar = Registrar(BindingTable(), clock, CapExpiry(3600, 300))
+    outbox = Outbox(clock, None, Counter())
+    registrar = Registrar(BindingTable(), clock, outbox, CapExpiry(3600, 300))
+    protocol, transport = fakeSocket(registrar, outbox, clock)
     source = ("203.0.113.7", 40000)
 
     def handle(data: bytes) -> None:
-        registrar.datagramReceived(data, source, listener)
+        protocol.datagramReceived(data, source)
+        transport.written.clear()
 
     results["registrar_handle_us"] = perCall(handle, datagrams, repeat=1)
     for key, value in results.items():
