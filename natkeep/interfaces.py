@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IBindingStore",
     "ICycle",
+    "IDatagramMatcher",
     "IExpiryPolicy",
     "IListener",
     "IPacer",
@@ -134,6 +135,24 @@ class IPayload(Interface):
         """
         A heartbeat cycle begins: a chance to drop state about bindings
         that are gone.
+        """
+
+
+class IDatagramMatcher(Interface):
+    """
+    An optional companion of L{IPayload}: match an answer to a heartbeat
+    from the raw datagram, without parsing it.  A payload that sends many
+    heartbeats and gets as many answers provides it, because a full parse
+    costs more than the rest of the answer's handling.
+    """
+
+    def matchDatagram(data: bytes, source: tuple[str, int]) -> Optional[Binding]:
+        """
+        A datagram that starts like a SIP response arrived from C{source}.
+
+        @return: the live binding whose heartbeat it answers, when that is
+            certain from the bytes alone; else C{None}, and the datagram is
+            parsed and given to L{IPayload.responseReceived}.
         """
 
 

@@ -90,6 +90,9 @@ class SIPProtocol(DatagramProtocol):
     @ivar address: the listening address as configured.
     @ivar controller: what requests go to.
     @ivar onResponse: what responses go to, with their source.
+    @ivar onResponseDatagram: offered each datagram that starts like a
+        response, unparsed; when it returns C{True} it has dealt with it
+        (an answer to one of natkeep's own requests, matched cheaply).
     @ivar readPause: the shortest time between the starts of two reads, in
         seconds; 0 reads at once.
     @ivar sipTrace: whether every message in is logged.
@@ -103,6 +106,7 @@ class SIPProtocol(DatagramProtocol):
         clock: IReactorTime,
         stats: Counter[str],
         onResponse: Optional[Callable[[Response, tuple[str, int]], None]] = None,
+        onResponseDatagram: Optional[Callable[[bytes, tuple[str, int]], bool]] = None,
         readPause: float = 0.0,
         sipTrace: bool = False,
     ) -> None:
@@ -112,6 +116,7 @@ class SIPProtocol(DatagramProtocol):
         self.clock = clock
         self.stats = stats
         self.onResponse = onResponse
+        self.onResponseDatagram = onResponseDatagram
         self.readPause = readPause
         self.sipTrace = sipTrace
         self._turnBytes = 0
@@ -197,6 +202,14 @@ class SIPProtocol(DatagramProtocol):
                 source=source,
                 text=data.decode("utf-8", "replace"),
             )
+        if (
+            first == b"S"
+            and self.onResponseDatagram is not None
+            and data.startswith(b"SIP/2.0 ")
+            and self.onResponseDatagram(data, source)
+        ):
+            stats["responses.received"] += 1
+            return
         try:
             message = parseMessage(data)
         except SIPError as e:

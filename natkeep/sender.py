@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from natkeep.bindings import DEAD, Binding, BindingTable
 from natkeep.config import Settings
-from natkeep.interfaces import ICycle, IExpiryPolicy, IPacer, IPayload
+from natkeep.interfaces import ICycle, IDatagramMatcher, IExpiryPolicy, IPacer, IPayload
 from natkeep.sip import Response
 from natkeep.strategies import Strategies
 
@@ -107,6 +107,9 @@ class HeartbeatSender(Service):
         if running:
             self.stopService()
         self.payload: IPayload = strategies.payload
+        self._matcher = (
+            strategies.payload if IDatagramMatcher.providedBy(strategies.payload) else None
+        )
         self.pacer: IPacer = strategies.pacer
         self.expiry: IExpiryPolicy = strategies.expiry
         self.period: float = settings.period
@@ -124,6 +127,23 @@ class HeartbeatSender(Service):
         """
         return bool(self.payload.enabled)
 
+    def responseDatagram(self, data: bytes, source: tuple[str, int]) -> bool:
+        """
+        A datagram that starts like a SIP response arrived from C{source}:
+        match it unparsed, where the payload can (L{IDatagramMatcher}).
+
+        @return: whether it was matched; if not, the caller parses it and
+            calls L{responseReceived}.
+        """
+        matcher = self._matcher
+        if matcher is None:
+            return False
+        binding = matcher.matchDatagram(data, source)
+        if binding is None:
+            return False
+        self._answered(binding)
+        return True
+
     def responseReceived(self, response: Response, source: tuple[str, int]) -> None:
         """
         A SIP response arrived from C{source}: if the payload matches it to
@@ -131,8 +151,11 @@ class HeartbeatSender(Service):
         """
         binding = self.payload.responseReceived(response, source)
         if binding is not None:
-            self.stats["heartbeats.answered"] += 1
-            self._unanswered.pop(binding, None)
+            self._answered(binding)
+
+    def _answered(self, binding: Binding) -> None:
+        self.stats["heartbeats.answered"] += 1
+        self._unanswered.pop(binding, None)
 
     def unanswered(self, binding: Binding) -> int:
         """

@@ -269,6 +269,7 @@ class Natkeep:
                 reactor,
                 self.stats,
                 self.sender.responseReceived,
+                self.sender.responseDatagram,
             )
             for address in settings.listen
         }

@@ -111,13 +111,20 @@ def fakeSocket(
     stats: Optional[Counter[str]] = None,
     onResponse: Optional[Callable[[Response, tuple[str, int]], None]] = None,
     address: str = "127.0.0.1:5060",
+    onResponseDatagram: Optional[Callable[[bytes, tuple[str, int]], bool]] = None,
 ) -> tuple[SIPProtocol, FakeDatagramTransport]:
     """
     A listening protocol for C{controller} on an in-memory transport, which
     keeps what is sent in its C{written} list of C{(data, address)}.
     """
     protocol = SIPProtocol(
-        address, controller, outbox, clock, outbox.stats if stats is None else stats, onResponse
+        address,
+        controller,
+        outbox,
+        clock,
+        outbox.stats if stats is None else stats,
+        onResponse,
+        onResponseDatagram,
     )
     transport = FakeDatagramTransport()  # type: ignore[no-untyped-call]
     protocol.makeConnection(transport)

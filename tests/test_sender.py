@@ -9,17 +9,20 @@ from typing import Optional
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings
-from natkeep.interfaces import IExpiryPolicy, IPacer, IPayload
+from natkeep.interfaces import IDatagramMatcher, IExpiryPolicy, IPacer, IPayload
+from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry, LivenessExpiry
 from natkeep.plugins.natkeep_pacing import RestartPacer, ResumePacer, SpreadPacer
 from natkeep.plugins.natkeep_payload import FixedPayload, OptionsPayload
+from natkeep.registrar import Registrar
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Request, Response, parseMessage
 from natkeep.strategies import Strategies, makeStrategy
-from natkeep.testing import FakeListener
+from natkeep.testing import FakeListener, fakeSocket
 
 START = 1000.0
 
@@ -194,6 +197,35 @@ class SpreadTests(SenderTestCase):
             perBatch[t] += 1
         self.assertEqual(set(perBatch.values()), {4})
 
+    def test_blocksOfConsecutivePhases(self) -> None:
+        """
+        With a large batch size, runs of consecutive phases share a slot
+        (64 at most, a 64th of the batch size at most); every binding is
+        still in exactly one slot, the same every cycle, and no slot holds
+        more than a batch while the devices fit the capacity.
+        """
+        self.assertEqual(
+            [SpreadPacer.blockSize(n) for n in (3, 63, 64, 640, 6400, 10**6)],
+            [1, 1, 1, 10, 64, 64],
+        )
+        devices = self.addDevices(1000)
+        pacer = SpreadPacer()
+
+        def plan() -> list[list[int]]:
+            cycle = pacer.startCycle(self.table.natBindings(), 10, 640)
+            batches = []
+            while (batch := cycle.nextBatch()) is not None:
+                batches.append([b.phase for b in batch])
+            return batches
+
+        first = plan()
+        self.assertEqual(len(first), 10)
+        self.assertEqual(first[0][:11], list(range(10)) + [100])
+        self.assertEqual(first[1][:10], list(range(10, 20)))
+        self.assertEqual(sorted(p for batch in first for p in batch), [d.phase for d in devices])
+        self.assertLessEqual(max(len(batch) for batch in first), 640)
+        self.assertEqual(plan(), first)
+
 
 class SendingTests(SenderTestCase):
     """
@@ -348,6 +380,68 @@ class OptionsPayloadTests(SenderTestCase):
         response = self.response(data)
         del response.headers["cseq"]
         self.assertIsNone(payload.responseReceived(response, device.source))
+
+    def rawAnswer(self, data: bytes) -> bytes:
+        """
+        The 200 OK a phone sends to the heartbeat C{data}, echoing its
+        headers as written.
+        """
+        lines = [b"SIP/2.0 200 OK"]
+        for line in data.split(b"\r\n"):
+            if line.split(b":")[0] in (b"Via", b"From", b"To", b"Call-ID", b"CSeq"):
+                lines.append(line + (b";tag=ph" if line.startswith(b"To:") else b""))
+        return b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+
+    def test_matchedUnparsed(self) -> None:
+        """
+        An answer that echoes the Call-ID line as sent is matched from its
+        bytes; one whose Call-ID is unknown, whose CSeq is not OPTIONS, or
+        that is not a response, is left to the parser.
+        """
+        [device] = self.addDevices(1)
+        payload = OptionsPayload("tok")
+        self.assertTrue(verifyObject(IDatagramMatcher, payload))
+        self.runFor(self.makeSender(payload=payload), 1)
+        [(data, _)] = self.listener.sent
+        answer = self.rawAnswer(data)
+        self.assertIs(payload.matchDatagram(answer, device.source), device)
+        for other in (
+            answer.replace(b"Call-ID: tok-", b"Call-ID: tik-"),
+            answer.replace(b"1 OPTIONS", b"1 REGISTER"),
+            answer.replace(b"SIP/2.0 200", b"SIP/2.0 OK"),
+            answer.replace(b"Call-ID:", b"i:"),
+        ):
+            self.assertIsNone(payload.matchDatagram(other, device.source), other)
+        self.table.remove(device)
+        self.assertIsNone(payload.matchDatagram(answer, device.source))
+
+    def test_answersThroughSocket(self) -> None:
+        """
+        Through a listening socket, an answer matched unparsed and one in
+        compact form (parsed) both count as answered; a stranger's does not.
+        """
+        [device] = self.addDevices(1)
+        payload = OptionsPayload("tok")
+        sender = self.makeSender(payload=payload, expiry=LivenessExpiry(3600, 300, misses=3))
+        outbox = Outbox(self.clock, None, sender.stats)
+        protocol, _ = fakeSocket(
+            Registrar(self.table, self.clock, outbox, CapExpiry(3600, 300)),
+            outbox,
+            self.clock,
+            onResponse=sender.responseReceived,
+            onResponseDatagram=sender.responseDatagram,
+        )
+        sender.startService()
+        [(data, _)] = self.listener.clear()
+        self.assertEqual(sender.unanswered(device), 1)
+        protocol.datagramReceived(self.rawAnswer(data), device.source)
+        self.assertEqual(sender.unanswered(device), 0)
+        protocol.datagramReceived(self.rawAnswer(data).replace(b"Call-ID:", b"i:"), device.source)
+        protocol.datagramReceived(
+            self.rawAnswer(data).replace(b"Call-ID: tok", b"Call-ID: xx"), device.source
+        )
+        self.assertEqual(sender.stats["heartbeats.answered"], 2)
+        self.assertEqual(sender.stats["responses.received"], 3)
 
     def test_livenessRemovesSilent(self) -> None:
         """

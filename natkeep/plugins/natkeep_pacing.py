@@ -118,23 +118,40 @@ class SlottedCycle:
 @attrs.define(slots=True)
 class SpreadPacer:
     """
-    Each binding has a stable slot in the period (its phase modulo the
-    batches per period), so the load is flat and every device gets exactly
-    one heartbeat per period, however many there are.  A slot may hold more
-    than SEND_ONE_TIME bindings when the devices outnumber the capacity:
-    spread then exceeds the batch size rather than starve anyone.
+    Each binding has a stable slot in the period, so the load is flat and
+    every device gets exactly one heartbeat per period, however many there
+    are.  A slot may hold more than SEND_ONE_TIME bindings when the devices
+    outnumber the capacity: spread then exceeds the batch size rather than
+    starve anyone.
+
+    The slot is the binding's phase, taken in blocks of L{blockSize}
+    consecutive phases, modulo the batches per period.  Bindings made one
+    after the other sit near each other in memory, so a batch of whole
+    blocks is read nearly as fast as C{restart}'s consecutive run, where one
+    phase per slot would read every binding from a different place.  The
+    block depends on the settings only, so a binding's slot is stable.
     """
 
     name = "spread"
+
+    @staticmethod
+    def blockSize(batchSize: int) -> int:
+        """
+        Consecutive phases that share a slot: at most 64 (more gains no
+        locality) and at most a 64th of the batch size, so that a slot
+        filled one block at a time stays flat against the batch size.
+        """
+        return max(1, min(64, batchSize // 64))
 
     def startCycle(
         self, bindings: Collection[Binding], batches: int, batchSize: int
     ) -> SlottedCycle:
         # One pass, as cheap per binding as Python allows: this runs for
         # every NATed binding every period.
+        block = self.blockSize(batchSize)
         slots: defaultdict[int, list[Binding]] = defaultdict(list)
         for binding in bindings:
-            slots[binding.phase % batches].append(binding)
+            slots[binding.phase // block % batches].append(binding)
         return SlottedCycle(slots, batches, len(bindings))
 
 

@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from natkeep.bindings import DEAD, Binding
 from natkeep.config import Settings
-from natkeep.interfaces import IPayload
+from natkeep.interfaces import IDatagramMatcher, IPayload
 from natkeep.sip import Response
 from natkeep.strategies import StrategyMaker
 
@@ -47,7 +47,7 @@ class FixedPayload:
         pass
 
 
-@implementer(IPayload)
+@implementer(IPayload, IDatagramMatcher)
 @attrs.define(slots=True)
 class OptionsPayload:
     """
@@ -56,7 +56,9 @@ class OptionsPayload:
     the inside, refreshes even mappings that only outbound traffic renews.
 
     Each binding has its own Call-ID, so an answer is matched to its binding
-    by Call-ID alone; the CSeq rises with each heartbeat.
+    by Call-ID alone; the CSeq rises with each heartbeat.  An answer that
+    echoes the Call-ID header as it was sent is matched from its bytes,
+    unparsed (L{matchDatagram}); any other goes through the parser.
 
     @ivar token: a per-run prefix keeping Call-IDs unique across restarts.
     """
@@ -109,6 +111,20 @@ class OptionsPayload:
         # the CSeq only has to be an OPTIONS one.
         cseqs = headers.get("cseq")
         if not cseqs or not cseqs[0].endswith(" OPTIONS"):
+            return None
+        return binding
+
+    def matchDatagram(self, data: bytes, source: tuple[str, int]) -> Optional[Binding]:
+        # The Call-ID line as sent: this run's token makes it unique.
+        start = data.find(b"\r\nCall-ID: " + self.token.encode("ascii") + b"-")
+        if start < 0 or not data[8:11].isdigit():
+            return None
+        start += 11
+        end = data.find(b"\r\n", start)
+        if end < 0 or data.find(b" OPTIONS\r\n", end) < 0:
+            return None
+        binding = self._outstanding.get(data[start:end].decode("ascii", "replace"))
+        if binding is None or binding.expiresAt == DEAD:
             return None
         return binding
 
