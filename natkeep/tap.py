@@ -20,7 +20,7 @@ import gc
 import signal
 import sys
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.application.internet import TCPServer, TimerService, UDPServer
 from twisted.application.service import IService, MultiService, Service
@@ -38,7 +38,7 @@ from natkeep.config import (
     parseListenAddress,
     readConfigFile,
 )
-from natkeep.interfaces import IBindingStore
+from natkeep.interfaces import IBindingStore, IListener
 from natkeep.outbox import Outbox
 from natkeep.protocol import MAX_DATAGRAM, SIPProtocol
 from natkeep.registrar import Registrar
@@ -167,13 +167,13 @@ class BindingsService(Service):
         self,
         store: IBindingStore,
         table: BindingTable,
-        protocols: dict[str, SIPProtocol],
+        listeners: Mapping[str, IListener],
         outbox: Outbox,
         clock: Any,
     ) -> None:
         self.store = store
         self.table = table
-        self.protocols = protocols
+        self.listeners = listeners
         self.outbox = outbox
         self.clock = clock
 
@@ -182,7 +182,7 @@ class BindingsService(Service):
         restored = 0
         orphans: Counter[str] = Counter()
         for row in self.store.load(self.clock.seconds()):
-            listener = self.protocols.get(row.listener)
+            listener = self.listeners.get(row.listener)
             if listener is None:
                 orphans[row.listener] += 1
                 continue

@@ -457,7 +457,7 @@ class RestoreTests(SynchronousTestCase):
         service = BindingsService(
             store,
             table,
-            {"127.0.0.1:5060": here},  # type: ignore[dict-item]
+            {"127.0.0.1:5060": here},
             Outbox(clock, store, Counter()),
             clock,
         )
