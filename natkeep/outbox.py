@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from natkeep import __version__, stun
 from natkeep.config import Settings
 from natkeep.interfaces import IBindingStore, IListener
-from natkeep.sip import Request, Via, renderResponse
+from natkeep.sip import Request, Via, renderResponse, traceText
 
 log = Logger()
 
@@ -94,7 +94,7 @@ class Outbox:
             log.info(
                 "SIP out to {address}:\n{text}",
                 address=address,
-                text=data.decode("utf-8", "replace"),
+                text=traceText(data),
             )
         store = self.store
         if store is not None and store.pending():

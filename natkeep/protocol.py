@@ -34,6 +34,7 @@ from natkeep.sip import (
     checkRequest,
     parseMessage,
     topVia,
+    traceText,
 )
 
 log = Logger()
@@ -200,7 +201,7 @@ class SIPProtocol(DatagramProtocol):
             log.info(
                 "SIP in from {source}:\n{text}",
                 source=source,
-                text=data.decode("utf-8", "replace"),
+                text=traceText(data),
             )
         if (
             first == b"S"
@@ -247,7 +248,7 @@ class SIPProtocol(DatagramProtocol):
         except Unanswerable as e:
             self._drop("unanswerable", source, f"{error.reason}; {e}")
             return
-        self.outbox.answer(request, via, source, self, error.status, error.reason)
+        self.outbox.answer(request, via, source, self, error.status, error.reason, error.extra)
         self.stats[f"errors.{error.status}"] += 1
         log.debug(
             "Answered {status} {reason} to {source}",

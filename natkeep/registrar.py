@@ -24,6 +24,7 @@ from natkeep.interfaces import IBindingStore, IExpiryPolicy, IListener, ISIPCont
 from natkeep.nat import NatDetector
 from natkeep.outbox import Outbox
 from natkeep.sip import (
+    NameAddr,
     Request,
     SIPError,
     Via,
@@ -31,7 +32,6 @@ from natkeep.sip import (
     parseNameAddr,
     parseURI,
     renderParams,
-    splitCommas,
     splitValues,
 )
 from natkeep.strategies import Strategies
@@ -127,20 +127,6 @@ class Registrar:
         listener: IListener,
     ) -> None:
         headers = request.headers
-        require = headers.get("require")
-        if require:
-            # RFC 3261 §8.2.2.3: no extension is supported here.
-            unsupported = ", ".join(splitCommas(require))
-            self.outbox.answer(
-                request,
-                via,
-                source,
-                listener,
-                420,
-                "Bad Extension",
-                f"Unsupported: {unsupported}\r\n",
-            )
-            return
         to = parseNameAddr(headers["to"][0])
         try:
             aor = parseURI(to.uri).addressOfRecord()
@@ -172,7 +158,7 @@ class Registrar:
             self._removeAll(aor, callId, cseq)
             self._registered(request, via, aor, source, listener, now)
             return
-        changes = []
+        changes: dict[str, tuple[NameAddr, int, bool, Optional[Binding]]] = {}
         detector = self.nat
         viaNat = detector.viaDiffers(via.host, via.port, source)
         for contact in contacts:
@@ -205,8 +191,9 @@ class Registrar:
                 # again below as if new.
                 raise SIPError("Out of Order CSeq")
             nat = viaNat or detector.contactBehindNat(uri.host, uri.port, source)
-            changes.append((contact, expires, nat, existing))
-        for contact, expires, nat, existing in changes:
+            changes[contact.uri] = (contact, expires, nat, existing)
+        # The same Contact twice in one request: the last one says it.
+        for contact, expires, nat, existing in changes.values():
             if expires == 0:
                 if existing is not None:
                     self.table.remove(existing)

@@ -53,6 +53,17 @@ _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 
 _STATUS_LINE_PREFIX = "SIP/2.0 "
 
+_VERSION = re.compile(r"SIP/[0-9]+\.[0-9]+\Z")
+
+#: RFC 3261 §25.1: LWS may surround the slashes of a Via's sent-protocol.
+_SENT_PROTOCOL = re.compile(
+    r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9.!%*_+`'~-]+)\s+(.*)\Z", re.S | re.I
+)
+
+#: Longer header names are looked up but not remembered, so the cache of
+#: canonical names stays small in bytes whatever arrives.
+_CANONICAL_NAME_LIMIT = 64
+
 #: Methods known to be tokens, spared the pattern match.
 _METHODS = frozenset(
     ["REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "SUBSCRIBE", "NOTIFY"]
@@ -80,12 +91,14 @@ class SIPError(Exception):
     @ivar reason: a reason phrase that names the fault.
     @ivar partial: the message as far as it was parsed, when its start line
         and headers were sound, so that the fault can be answered.
+    @ivar extra: header lines the answer adds, each ending in CRLF.
     """
 
-    def __init__(self, reason: str, status: int = 400) -> None:
+    def __init__(self, reason: str, status: int = 400, extra: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.extra = extra
         self.partial: Optional[Union[Request, Response]] = None
 
 
@@ -141,8 +154,12 @@ def parseMessage(data: bytes) -> Message:
     @raise SIPError: when the datagram is not a SIP message we can handle;
         the error's reason names the fault.
     """
+    # A fault found before the headers are read is raised once they are,
+    # so that it can be answered (513, 505).
+    deferred: Optional[SIPError] = None
     if len(data) > MAX_MESSAGE_SIZE:
-        raise SIPError("Message Too Large", 513)
+        deferred = SIPError("Message Too Large", 513)
+        data = data[:MAX_MESSAGE_SIZE]
     end = data.find(b"\r\n\r\n")
     if end >= 0:
         head = data[:end]
@@ -150,7 +167,7 @@ def parseMessage(data: bytes) -> Message:
     else:
         end = data.find(b"\n\n")
         if end < 0:
-            raise SIPError("Truncated Message")
+            raise deferred or SIPError("Truncated Message")
         head = data[:end]
         body = data[end + 2 :]
     try:
@@ -165,7 +182,7 @@ def parseMessage(data: bytes) -> Message:
     else:
         lines = text.split("\n")
     if len(lines) > MAX_HEADER_LINES:
-        raise SIPError("Too Many Header Lines", 513)
+        deferred = deferred or SIPError("Too Many Header Lines", 513)
     if "\n " in text or "\n\t" in text:
         lines = _unfold(lines)
     first = lines[0]
@@ -195,13 +212,20 @@ def parseMessage(data: bytes) -> Message:
         message = Response(code, parts[2] if len(parts) > 2 else "", headers, body)
     else:
         parts = first.split(" ")
-        if len(parts) != 3 or parts[2].upper() != "SIP/2.0":
+        if len(parts) != 3:
             raise SIPError("Malformed Request Line")
         method = parts[0]
         if method not in _METHODS and not _TOKEN.match(method):
             raise SIPError("Malformed Request Line")
+        version = parts[2].upper()
+        if version != "SIP/2.0":
+            if not _VERSION.match(version):
+                raise SIPError("Malformed Request Line")
+            deferred = deferred or SIPError("Version Not Supported", 505)
         message = Request(method, parts[1], headers, body)
     try:
+        if deferred is not None:
+            raise deferred
         message.body = _checkBody(headers, body)
     except SIPError as e:
         # The headers are sound, so the fault can still be answered.
@@ -235,7 +259,7 @@ def _headerName(raw: str) -> str:
     if not name:
         raise SIPError("Malformed Header Line")
     name = COMPACT_FORMS.get(name, name)
-    if len(_CANONICAL) < _CANONICAL_LIMIT:
+    if len(_CANONICAL) < _CANONICAL_LIMIT and len(raw) <= _CANONICAL_NAME_LIMIT:
         _CANONICAL[raw] = name
     return name
 
@@ -244,6 +268,8 @@ def _checkBody(headers: dict[str, list[str]], body: bytes) -> bytes:
     values = headers.get("content-length")
     if not values:
         return body
+    if len(values) > 1 and len(set(values)) > 1:
+        raise SIPError("Conflicting Content-Length")
     try:
         length = int(values[0])
     except ValueError:
@@ -418,8 +444,15 @@ def parseVia(value: str) -> Via:
     @raise SIPError: when it is malformed.
     """
     protocol, _, rest = value.partition(" ")
-    rest = rest.strip()
-    if not protocol.upper().startswith("SIP/2.0/") or not rest:
+    if protocol.upper().startswith("SIP/2.0/") and "/" not in protocol[8:]:
+        rest = rest.strip()
+    else:
+        # The sent-protocol written with LWS around its slashes.
+        match = _SENT_PROTOCOL.match(value)
+        if match is None:
+            raise SIPError("Malformed Via")
+        protocol, rest = f"SIP/2.0/{match.group(1)}", match.group(2).strip()
+    if not rest:
         raise SIPError("Malformed Via")
     sentBy, _, paramText = rest.partition(";")
     sentBy = sentBy.strip()
@@ -542,6 +575,10 @@ def parseDeltaSeconds(text: str) -> int:
     text = text.strip()
     if not text.isdigit() or not text.isascii():
         raise ValueError(text)
+    if len(text) > 10:
+        # Past 2**32-1 whatever it is; int() of thousands of digits would
+        # cost time, or fail on Python's conversion limit.
+        return MAX_DELTA_SECONDS
     return min(int(text), MAX_DELTA_SECONDS)
 
 
@@ -552,12 +589,31 @@ def parseCSeq(value: str) -> tuple[int, str]:
     @raise SIPError: when it is malformed.
     """
     parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
+    if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii() or len(parts[0]) > 10:
         raise SIPError("Invalid CSeq")
     number = int(parts[0])
     if number > MAX_CSEQ:
         raise SIPError("Invalid CSeq")
     return number, parts[1]
+
+
+#: Characters a trace escapes: C0 controls but tab, DEL, C1 controls (NEL
+#: among them) and the Unicode line and paragraph separators, any of which
+#: could forge a log line or drive the operator's terminal.
+_TRACE_ESCAPES = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+    if code != 0x09
+}
+
+
+def traceText(data: bytes) -> str:
+    """
+    A datagram as a SIP trace logs it: its lines (split at CRLF or LF)
+    joined by newlines, every other control character escaped.
+    """
+    text = data.decode("utf-8", "replace")
+    return "\n".join(line.translate(_TRACE_ESCAPES) for line in re.split(r"\r?\n", text))
 
 
 def renderRequest(
@@ -609,16 +665,31 @@ def checkRequest(request: Request) -> tuple[Via, int]:
 
     @return: the top Via and the CSeq number.
     @raise Unanswerable: when no response could be addressed.
-    @raise SIPError: naming the fault, to be answered.
+    @raise SIPError: naming the fault, to be answered: 400, 416 for a
+        Request-URI scheme other than sip/sips, 420 for any Require.
     """
     via = topVia(request)
     headers = request.headers
     for name in ("from", "to", "call-id", "cseq"):
-        if name not in headers:
+        values = headers.get(name)
+        if not values:
             raise SIPError(f"Missing {name.title()} Header")
+        if len(values) > 1:
+            raise SIPError(f"Multiple {name.title()} Headers")
     number, method = parseCSeq(headers["cseq"][0])
     if method != request.method:
         raise SIPError("CSeq Method Mismatch")
+    uri = request.uri
+    if not uri.startswith(("sip:", "sips:")) and uri.partition(":")[0].lower() not in (
+        "sip",
+        "sips",
+    ):
+        # RFC 3261 §8.2.2.1.
+        raise SIPError("Unsupported URI Scheme", 416)
+    require = headers.get("require")
+    if require and method not in ("ACK", "CANCEL"):
+        # RFC 3261 §8.2.2.3: no extension is supported here.
+        raise SIPError("Bad Extension", 420, f"Unsupported: {', '.join(splitCommas(require))}\r\n")
     return via, number
 
 
