@@ -185,6 +185,13 @@ class BindingTable:
         contacts = self._aors.get(aor)
         return list(contacts.values()) if contacts else []
 
+    def countOf(self, aor: str) -> int:
+        """
+        How many bindings C{aor} has.
+        """
+        contacts = self._aors.get(aor)
+        return len(contacts) if contacts else 0
+
     def get(self, aor: str, uri: str) -> Optional[Binding]:
         """
         The binding of C{uri} under C{aor}, if any.

@@ -41,6 +41,15 @@ ALLOW = "REGISTER, OPTIONS"
 #: RFC 3261 §10.2.1.1: the registrar's default when the request says nothing.
 DEFAULT_EXPIRES = 3600
 
+#: Bounds that keep every 200 OK, which lists all of an AOR's Contacts,
+#: within one datagram: at most this many Contacts in one REGISTER (400
+#: past it), bindings per AOR (403), and characters of one Contact's URI
+#: and parameters (400).  With a request of at most 16 KiB echoed, a 200 OK
+#: stays under 26 KiB, well inside UDP's 65 507 bytes.
+MAX_CONTACTS_PER_REQUEST = 16
+MAX_CONTACTS_PER_AOR = 16
+MAX_CONTACT_LENGTH = 512
+
 
 @implementer(ISIPController)
 class Registrar:
@@ -158,6 +167,8 @@ class Registrar:
             self._removeAll(aor, callId, cseq)
             self._registered(request, via, aor, source, listener, now)
             return
+        if len(contacts) > MAX_CONTACTS_PER_REQUEST:
+            raise SIPError("Too Many Contacts")
         changes: dict[str, tuple[NameAddr, int, bool, Optional[Binding]]] = {}
         detector = self.nat
         viaNat = detector.viaDiffers(via.host, via.port, source)
@@ -193,6 +204,7 @@ class Registrar:
             nat = viaNat or detector.contactBehindNat(uri.host, uri.port, source)
             changes[contact.uri] = (contact, expires, nat, existing)
         # The same Contact twice in one request: the last one says it.
+        self._checkFits(aor, changes)
         for contact, expires, nat, existing in changes.values():
             if expires == 0:
                 if existing is not None:
@@ -231,6 +243,30 @@ class Registrar:
             if self.store is not None:
                 self.store.put(binding)
         self._registered(request, via, aor, source, listener, now)
+
+    def _checkFits(
+        self, aor: str, changes: dict[str, tuple[NameAddr, int, bool, Optional[Binding]]]
+    ) -> None:
+        """
+        Refuse changes that would let the AOR's 200 OK outgrow a datagram:
+        a Contact too long, or more bindings than an AOR may hold.
+
+        @raise SIPError: 400 or 403, naming the limit.
+        """
+        added = 0
+        for contact, expires, _, existing in changes.values():
+            if expires == 0:
+                if existing is not None:
+                    added -= 1
+                continue
+            if len(contact.uri) + sum(len(k) + len(v or "") + 2 for k, v in contact.params) > (
+                MAX_CONTACT_LENGTH
+            ):
+                raise SIPError("Contact Too Long")
+            if existing is None:
+                added += 1
+        if added > 0 and self.table.countOf(aor) + added > MAX_CONTACTS_PER_AOR:
+            raise SIPError("Too Many Contacts For AOR", 403)
 
     def _removeAll(self, aor: str, callId: str, cseq: int) -> None:
         bindings = self.table.lookup(aor)

@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.logger import globalLogPublisher
 
-from natkeep import sip
+from natkeep import registrar, sip
 from natkeep.sip import MAX_HEADER_LINES, MAX_MESSAGE_SIZE, traceText
 from natkeep.testing import register, request
 
@@ -216,3 +216,68 @@ class TraceTests(HardeningTestCase):
             self.assertNotIn("\x00", text)
             self.assertNotIn("\u2028", text)
             self.assertIn("\\x1b[31m", text)
+
+
+class ResponseSizeTests(HardeningTestCase):
+    """
+    No REGISTER can make an AOR's 200 OK outgrow one datagram.
+    """
+
+    def sendRaw(self, data: bytes) -> bytes:
+        self.deliver(data)
+        self.clock.advance(0)
+        [(answer, _)] = self.takeSent()
+        return answer
+
+    def test_longContactsRefused(self) -> None:
+        """
+        Five REGISTERs each with a 15 KB Contact are each refused with a
+        400, nothing is stored, and the owner's own refresh is still
+        answered 200.
+        """
+        for n in range(5):
+            contact = f"<sip:{n}{'a' * 15000}@10.0.0.9>"
+            self.assertAnswered(register(cseq=n + 1, contacts=[contact]), 400, "Contact Too Long")
+        self.assertEqual(len(self.table), 0)
+        self.assertAnswered(register(cseq=9), 200, "OK")
+
+    def test_tooManyInOneRequest(self) -> None:
+        """
+        More Contacts in one REGISTER than allowed is a 400; nothing of it
+        is stored.
+        """
+        contacts = [f"<sip:{n}@10.0.0.9>" for n in range(registrar.MAX_CONTACTS_PER_REQUEST + 1)]
+        self.assertAnswered(register(contacts=contacts), 400, "Too Many Contacts")
+        self.assertEqual(len(self.table), 0)
+
+    def test_aorFull(self) -> None:
+        """
+        An AOR holds at most its limit of bindings: one more is a 403, a
+        refresh of one it holds is still a 200, and after one leaves the
+        new one fits.
+        """
+        limit = registrar.MAX_CONTACTS_PER_AOR
+        for n in range(limit):
+            self.assertAnswered(register(cseq=n + 1, contacts=[f"<sip:{n}@10.0.0.9>"]), 200, "OK")
+        extra = "<sip:extra@10.0.0.9>"
+        self.assertAnswered(register(cseq=100, contacts=[extra]), 403, "Too Many Contacts For AOR")
+        self.assertAnswered(register(cseq=101, contacts=["<sip:0@10.0.0.9>"]), 200, "OK")
+        self.assertAnswered(
+            register(cseq=102, contacts=["<sip:1@10.0.0.9>;expires=0", extra]), 200, "OK"
+        )
+        self.assertEqual(len(self.table), limit)
+
+    def test_largestAnswerFitsDatagram(self) -> None:
+        """
+        With the AOR full of the longest Contacts allowed, a query is
+        answered, and well within a UDP datagram.
+        """
+        limit = registrar.MAX_CONTACTS_PER_AOR
+        length = registrar.MAX_CONTACT_LENGTH
+        for n in range(limit):
+            uri = f"sip:{n:02d}{'b' * (length - 20)}@10.0.0.9"
+            self.assertAnswered(register(cseq=n + 1, contacts=[f"<{uri}>"]), 200, "OK")
+        answer = self.sendRaw(register(cseq=99, contacts=()))
+        self.assertTrue(answer.startswith(b"SIP/2.0 200 OK"))
+        self.assertEqual(answer.count(b"\r\nContact: "), limit)
+        self.assertLess(len(answer), 26 * 1024)
