@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+#: Connections the endpoint serves at once; more are closed at once.
+MAX_CONNECTIONS = 32
+
+#: Seconds a connection may last in all, however it trickles: a client
+#: sending one byte at a time is cut when this runs out.
+CONNECTION_DEADLINE = 10.0
 
 _METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -58,6 +69,11 @@ class _Page(Resource):
         self.kind = kind
 
     def render_GET(self, request: Request) -> bytes:
+        if request.postpath:
+            # Only the page's own path: /status/anything is not a page.
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain")
+            return b"not found\n"
         data = self.snapshot()
         if self.kind == "metrics":
             request.setHeader(b"content-type", b"text/plain; version=0.0.4")
@@ -76,3 +92,57 @@ def statusResource(snapshot: Snapshot) -> Resource:
     root.putChild(b"status", _Page(snapshot, "status"))
     root.putChild(b"metrics", _Page(snapshot, "metrics"))
     return root
+
+
+class _Deadline(ProtocolWrapper):
+    """
+    One connection, cut when its deadline passes.
+    """
+
+    factory: GuardedFactory
+    _call: Optional[IDelayedCall] = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self._call = self.factory.clock.callLater(self.factory.deadline, self._expired)
+        super().makeConnection(transport)
+
+    def _expired(self) -> None:
+        self._call = None
+        transport: Any = self.transport
+        transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        super().connectionLost(reason)
+
+
+class GuardedFactory(WrappingFactory):
+    """
+    The status endpoint's guard: at most C{limit} connections at once (one
+    more is closed as it arrives), each cut C{deadline} seconds after it
+    opened.
+    """
+
+    protocol = _Deadline
+
+    def __init__(
+        self,
+        wrapped: Factory[Any],
+        clock: IReactorTime,
+        limit: int = MAX_CONNECTIONS,
+        deadline: float = CONNECTION_DEADLINE,
+    ) -> None:
+        super().__init__(wrapped)
+        self.clock = clock
+        self.limit = limit
+        self.deadline = deadline
+        self.refused = 0
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> ProtocolWrapper:
+        if len(self.protocols) >= self.limit:
+            self.refused += 1
+            # No protocol: the transport closes the connection at once.
+            return None  # type: ignore[return-value]
+        return super().buildProtocol(addr)

@@ -289,12 +289,11 @@ class Natkeep:
         if settings.status:
             from twisted.web.server import Site
 
-            from natkeep.status import statusResource
+            from natkeep.status import GuardedFactory, statusResource
 
             host, port = parseListenAddress(settings.status)
-            TCPServer(
-                port, Site(statusResource(self.snapshot)), interface=host, reactor=reactor
-            ).setServiceParent(self.service)
+            site = GuardedFactory(Site(statusResource(self.snapshot), reactor=reactor), reactor)
+            TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(self.service)
 
     def _apply(self, settings: Settings, strategies: Strategies) -> None:
         self.settings = settings

@@ -4,12 +4,19 @@ Tests for L{natkeep.status}.
 
 import json
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import NoResource, getChildForRequest
+from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from natkeep.config import Settings
 from natkeep.sender import CycleReport
-from natkeep.status import prometheus, statusResource
+from natkeep.status import GuardedFactory, prometheus, statusResource
 from natkeep.tap import Natkeep
 
 from .helpers import ClockedUDPReactor
@@ -57,9 +64,82 @@ class StatusTests(SynchronousTestCase):
         root = statusResource(self.service.snapshot)
         for path, kind in ((b"status", b"application/json"), (b"metrics", b"text/plain")):
             request = DummyRequest([path])
-            body = root.getChildWithDefault(path, request).render_GET(request)
+            body = getChildForRequest(root, request).render_GET(request)
             self.assertTrue(
                 request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(kind)
             )
             if path == b"status":
                 self.assertEqual(json.loads(body)["counters"]["requests.REGISTER"], 7)
+
+
+class NotFoundTests(SynchronousTestCase):
+    """
+    Only the documented paths are pages.
+    """
+
+    def test_unknownPaths(self) -> None:
+        """
+        C{/status/anything} and C{/metrics/x} are 404; C{/nothing} has no
+        page.
+        """
+        root = statusResource(lambda: {})
+        for path in ([b"status", b"anything"], [b"metrics", b"x"]):
+            request = DummyRequest(path)
+            page = getChildForRequest(root, request)
+            self.assertEqual(page.render_GET(request), b"not found\n")
+            self.assertEqual(request.responseCode, 404)
+        request = DummyRequest([b"nothing"])
+        self.assertIsInstance(getChildForRequest(root, request), NoResource)
+
+
+class GuardTests(SynchronousTestCase):
+    """
+    The endpoint's connections are capped and each has a total deadline.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.factory = GuardedFactory(
+            Site(statusResource(lambda: {})), self.clock, limit=3, deadline=10.0
+        )
+
+    def connect(self) -> tuple[object, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        if protocol is not None:
+            protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_cap(self) -> None:
+        """
+        Past the limit a connection gets no protocol (and is closed), and
+        is counted; once one closes, the next is served.
+        """
+        first = [self.connect() for _ in range(3)]
+        protocol, _ = self.connect()
+        self.assertIsNone(protocol)
+        self.assertEqual(self.factory.refused, 1)
+        first[0][0].connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        self.assertIsNotNone(self.connect()[0])
+
+    def test_deadlineIgnoresTrickle(self) -> None:
+        """
+        A client sending one byte a second is cut when the deadline passes,
+        however recently it sent.
+        """
+        protocol, transport = self.connect()
+        for _ in range(9):
+            protocol.dataReceived(b"G")  # type: ignore[attr-defined]
+            self.clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"E")  # type: ignore[attr-defined]
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+
+    def test_closedCancelsDeadline(self) -> None:
+        """
+        A connection that ends first leaves no timer behind.
+        """
+        protocol, _ = self.connect()
+        protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -307,6 +307,7 @@ class StatusTests(ProcessTestCase):
         C{/metrics} the same for Prometheus.
         """
         import json
+        import urllib.error
         import urllib.request
 
         web = freePort()
@@ -326,6 +327,18 @@ class StatusTests(ProcessTestCase):
             metrics = page.read().decode()
         self.assertIn("natkeep_bindings 3\n", metrics)
         self.assertIn("natkeep_requests_REGISTER_total 3\n", metrics)
+        for path in ("/status/anything", "/nothing"):
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(f"http://127.0.0.1:{web}{path}", timeout=5)
+            self.assertEqual(caught.exception.code, 404)
+        # A client that trickles one byte now and then is not served forever.
+        with socket.create_connection(("127.0.0.1", web), timeout=15) as slow:
+            slow.sendall(b"G")
+            try:
+                ended = slow.recv(100)
+            except ConnectionResetError:
+                ended = b""  # aborted: reset rather than closed
+            self.assertEqual(ended, b"")
 
 
 class SighupTests(ProcessTestCase):
