@@ -10,8 +10,9 @@ A L{StoredBinding} is the same binding as a store keeps it, with its
 socket named by address; both stores and the restore convert through it.
 
 Expiry is kept on a wheel of one-second buckets rather than one timer per
-binding: a binding costs one list slot, and a sweep touches only the seconds
-that have passed.
+binding: a binding costs one entry in its second's bucket, which it leaves
+when it is removed or refreshed, and a sweep touches only the seconds that
+have passed.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class BindingTable:
     removed: Callable[[Binding], None] = lambda binding: None
     _aors: dict[str, dict[str, Binding]] = attrs.field(factory=dict)
     _nat: dict[Binding, None] = attrs.field(factory=dict)
-    _wheel: dict[int, list[Binding]] = attrs.field(factory=dict)
+    _wheel: dict[int, dict[Binding, None]] = attrs.field(factory=dict)
     _swept: Optional[int] = None
     _count: int = 0
     _nextPhase: int = 0
@@ -242,6 +243,7 @@ class BindingTable:
         binding.cseq = cseq
         binding.params = params
         if math.ceil(expiresAt) != math.ceil(binding.expiresAt):
+            self._unschedule(binding)
             binding.expiresAt = expiresAt
             self._schedule(binding)
         else:
@@ -260,6 +262,7 @@ class BindingTable:
             del self._aors[binding.aor]
         if binding.nat:
             del self._nat[binding]
+        self._unschedule(binding)
         binding.expiresAt = DEAD
         self._count -= 1
         self.removed(binding)
@@ -278,8 +281,19 @@ class BindingTable:
         second = math.ceil(binding.expiresAt)
         bucket = self._wheel.get(second)
         if bucket is None:
-            bucket = self._wheel[second] = []
-        bucket.append(binding)
+            bucket = self._wheel[second] = {}
+        bucket[binding] = None
+
+    def _unschedule(self, binding: Binding) -> None:
+        # A binding leaves its bucket at once when it is removed or moves,
+        # so the wheel holds exactly the live bindings: a flood of
+        # registrations and removals leaves nothing behind.
+        second = math.ceil(binding.expiresAt)
+        bucket = self._wheel.get(second)
+        if bucket is not None:
+            bucket.pop(binding, None)
+            if not bucket:
+                del self._wheel[second]
 
     def sweep(self, now: float) -> int:
         """
@@ -303,8 +317,7 @@ class BindingTable:
             if not bucket:
                 continue
             for binding in bucket:
-                # A refreshed binding has moved to a later bucket; a removed
-                # one is already gone.
+                # The bucket holds only bindings that expire in its second.
                 if DEAD < binding.expiresAt <= now:
                     self.remove(binding)
                     count += 1

@@ -259,9 +259,10 @@ class Registrar:
                 if existing is not None:
                     added -= 1
                 continue
-            if len(contact.uri) + sum(len(k) + len(v or "") + 2 for k, v in contact.params) > (
-                MAX_CONTACT_LENGTH
-            ):
+            length = len(contact.uri)
+            if contact.params:
+                length += sum(len(k) + len(v or "") + 2 for k, v in contact.params)
+            if length > MAX_CONTACT_LENGTH:
                 raise SIPError("Contact Too Long")
             if existing is None:
                 added += 1

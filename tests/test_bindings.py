@@ -88,3 +88,34 @@ class BindingTableTests(SynchronousTestCase):
         table.add(binding("sip:1", 10))
         table.sweep(5)
         self.assertEqual(table.sweep(10**9), 1)
+
+    def test_wheelHoldsOnlyLiveBindings(self) -> None:
+        """
+        Bindings removed or refreshed leave their old second at once: after
+        any churn the wheel holds each live binding exactly once, and
+        nothing of the removed ones.
+        """
+        table = BindingTable()
+        live = []
+        for n in range(300):
+            b = binding(f"sip:{n}", 100 + n % 7)
+            table.add(b)
+            if n % 3 == 0:
+                table.remove(b)
+                continue
+            if n % 3 == 1:
+                table.refresh(
+                    b,
+                    source=b.source,
+                    listener=b.listener,
+                    nat=True,
+                    expiresAt=500 + n,
+                    callId="c",
+                    cseq=2,
+                    params="",
+                )
+            live.append(b)
+        held = [b for bucket in table._wheel.values() for b in bucket]
+        self.assertEqual(sorted(b.uri for b in held), sorted(b.uri for b in live))
+        self.assertEqual(table.sweep(1000), len(live))
+        self.assertEqual(table._wheel, {})

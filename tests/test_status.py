@@ -100,7 +100,7 @@ class GuardTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.factory = GuardedFactory(
-            Site(statusResource(lambda: {})), self.clock, limit=3, deadline=10.0
+            Site(statusResource(lambda: {}), reactor=self.clock), self.clock, limit=3, deadline=10.0
         )
 
     def connect(self) -> tuple[object, StringTransport]:
