@@ -3,6 +3,7 @@ Property tests: nothing a datagram holds escapes the registrar or damages a
 binding.
 """
 
+import random
 from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,8 @@ from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry
 from natkeep.registrar import Registrar
 from natkeep.testing import MemoryStore, fakeSocket, register
+
+from .hostile import hostileRegister
 
 PHONE = ("203.0.113.7", 40001)
 
@@ -108,6 +111,21 @@ class FuzzTests(SynchronousTestCase):
         A REGISTER cut anywhere never raises.
         """
         self.deliver(register(user="other")[:cut])
+
+    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.randoms(use_true_random=False))
+    def test_hostileRegisters(self, rng: random.Random) -> None:
+        """
+        REGISTERs bent as an outside probe bends them (huge numbers,
+        repeated headers, duplicate and long Contacts, LWS in the Via,
+        control characters, Require, other schemes and versions) never
+        raise, never touch another AOR's binding, and never draw an answer
+        larger than a datagram can carry.
+        """
+        self.deliver(hostileRegister(rng))
+        for answer, _ in self.transport.written:
+            self.assertLessEqual(len(answer), 65507)
+        self.transport.written.clear()
 
     def test_hugeHeaders(self) -> None:
         """
