@@ -96,17 +96,27 @@ def chosenMakers(settings: Settings) -> dict[InterfaceClass, IStrategyMaker]:
     @raise ConfigError: when one is not installed; the message lists the
         installed ones.
     """
-    chosen = {}
-    for interface, kind in KINDS.items():
-        name = getattr(settings, kind)
-        makers = installedStrategies(interface)
-        maker = makers.get(name)
-        if maker is None:
-            raise ConfigError(
-                f"{kind} = {name!r} is invalid: not installed; allowed {', '.join(sorted(makers))}"
-            )
-        chosen[interface] = maker
-    return chosen
+    return {
+        interface: findMaker(interface, getattr(settings, kind))
+        for interface, kind in KINDS.items()
+    }
+
+
+def findMaker(interface: InterfaceClass, name: str) -> IStrategyMaker:
+    """
+    The installed maker called C{name} for C{interface}.
+
+    @raise ConfigError: when none is installed by that name; the message
+        lists the installed ones.
+    """
+    makers = installedStrategies(interface)
+    maker = makers.get(name)
+    if maker is None:
+        raise ConfigError(
+            f"{KINDS[interface]} = {name!r} is invalid: not installed; allowed "
+            f"{', '.join(sorted(makers))}"
+        )
+    return maker
 
 
 def adviceFor(settings: Settings, devices: Optional[int] = None) -> list[str]:
@@ -137,17 +147,10 @@ def makeStrategy(interface: InterfaceClass, name: str, settings: Settings) -> An
     """
     Build the strategy called C{name} for C{interface}.
 
-    @raise ConfigError: when none is installed by that name; the message
-        lists the installed ones.
+    @raise ConfigError: when none is installed by that name (the message
+        lists the installed ones), or its maker builds the wrong thing.
     """
-    makers = installedStrategies(interface)
-    maker = makers.get(name)
-    if maker is None:
-        raise ConfigError(
-            f"{KINDS[interface]} = {name!r} is invalid: not installed; allowed "
-            f"{', '.join(sorted(makers))}"
-        )
-    strategy = maker(settings)
+    strategy = findMaker(interface, name)(settings)
     if not interface.providedBy(strategy):
         raise ConfigError(
             f"{KINDS[interface]} = {name!r} is invalid: its maker built "
