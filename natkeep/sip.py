@@ -616,21 +616,6 @@ def traceText(data: bytes) -> str:
     return "\n".join(line.translate(_TRACE_ESCAPES) for line in re.split(r"\r?\n", text))
 
 
-def renderRequest(
-    method: str, uri: str, headers: list[tuple[str, str]], body: bytes = b""
-) -> bytes:
-    """
-    Render a request from ordered C{(name, value)} header pairs; the
-    Content-Length is added here.
-    """
-    lines = [f"{method} {uri} SIP/2.0"]
-    lines.extend(f"{name}: {value}" for name, value in headers)
-    lines.append(f"Content-Length: {len(body)}")
-    lines.append("")
-    lines.append("")
-    return "\r\n".join(lines).encode("utf-8") + body
-
-
 #: Via parameters a response fills in (RFC 3581 §4).
 _FILLED = ("rport", "received")
 _RECEIVED = ("received",)

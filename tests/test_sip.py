@@ -17,7 +17,6 @@ from natkeep.sip import (
     parseURI,
     parseVia,
     renderParams,
-    renderRequest,
     splitCommas,
 )
 from natkeep.testing import register
@@ -244,17 +243,6 @@ class HeaderValueTests(SynchronousTestCase):
             self.assertTrue(isPrivateAddress(host), host)
         for host in ["8.8.8.8", "127.0.0.1", "2001:db8::1", "pbx.example.com", "100.128.0.1"]:
             self.assertFalse(isPrivateAddress(host), host)
-
-    def test_renderRequest(self) -> None:
-        """
-        A rendered request ends its headers with Content-Length and a blank
-        line, and parses back.
-        """
-        data = renderRequest("OPTIONS", "sip:a@h", [("Call-ID", "x")])
-        self.assertTrue(data.endswith(b"Content-Length: 0\r\n\r\n"))
-        message = parseMessage(data)
-        assert isinstance(message, Request)
-        self.assertEqual((message.method, message.header("call-id")), ("OPTIONS", "x"))
 
     def test_renderParams(self) -> None:
         """

@@ -71,9 +71,6 @@ class OptionsPayload:
     _heads: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     _cseq: int = 0
 
-    def callIdFor(self, binding: Binding) -> str:
-        return f"{self.token}-{binding.phase}@natkeep"
-
     def _head(self, address: str) -> tuple[str, str]:
         """
         The parts of every heartbeat from the socket at C{address} that do
