@@ -279,6 +279,13 @@ def _checkBody(headers: dict[str, list[str]], body: bytes) -> bytes:
     if length > len(body):
         # RFC 3261 §18.3: over UDP this is a 400.
         raise SIPError("Content-Length Exceeds Body")
+    if length < len(body) and body[length:].strip(b"\r\n"):
+        # More than line-end padding after the body: the message and the
+        # datagram disagree, and which of them is wrong cannot be told.
+        # (RFC 3261 §18.3 would discard the rest; a registrar at the edge
+        # answers 400 rather than act on a message that may have been cut
+        # or smuggled.)
+        raise SIPError("Body Exceeds Content-Length")
     return body[:length]
 
 

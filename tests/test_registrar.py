@@ -583,6 +583,7 @@ class BadInputTests(RegistrarTestCase):
             400,
             "Content-Length Exceeds Body",
         )
+        self.assertAnswered(register() + b"junk", 400, "Body Exceeds Content-Length")
 
     def test_unanswerableDropped(self) -> None:
         """

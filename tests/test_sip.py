@@ -76,12 +76,30 @@ class ParseMessageTests(SynchronousTestCase):
         data = b"OPTIONS sip:a SIP/2.0\nCall-ID: x\n\n"
         self.assertEqual(parseMessage(data).header("call-id"), "x")
 
-    def test_contentLengthTruncatesBody(self) -> None:
+    def test_contentLengthShorterThanBody(self) -> None:
         """
-        The body is cut at Content-Length.
+        A datagram carrying more than Content-Length says is a 400 naming
+        the fault, with the parsed headers to answer it.
         """
-        data = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 2\r\n\r\nabcdef"
+        error = self.assertFault(
+            b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 2\r\n\r\nabcdef",
+            "Body Exceeds Content-Length",
+        )
+        self.assertIsInstance(error.partial, Request)
+        self.assertFault(
+            b"REGISTER sip:a SIP/2.0\r\nContent-Length: 0\r\n\r\nX",
+            "Body Exceeds Content-Length",
+        )
+
+    def test_contentLengthLineEndPadding(self) -> None:
+        """
+        Line ends after the body (padding some stacks add) are not a
+        disagreement: they are dropped.
+        """
+        data = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 2\r\n\r\nab\r\n\r\n"
         self.assertEqual(parseMessage(data).body, b"ab")
+        data = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 0\r\n\r\n\r\n"
+        self.assertEqual(parseMessage(data).body, b"")
 
     def assertFault(self, data: bytes, reason: str, status: int = 400) -> SIPError:
         error = self.assertRaises(SIPError, parseMessage, data)
