@@ -310,6 +310,16 @@ PARAMETERS: tuple[Parameter, ...] = (
         "With the liveness policy: unanswered heartbeats before removal.",
     ),
     Parameter(
+        "unreachable_limit",
+        "unreachable-limit",
+        "unreachableLimit",
+        3,
+        _integer(0, 100),
+        "0..100",
+        "ICMP errors (port, host or network unreachable) drawn by a binding's "
+        "heartbeats since its last REGISTER before it is removed; 0 never removes.",
+    ),
+    Parameter(
         "nat_detect",
         "nat-detect",
         "natDetect",
@@ -390,6 +400,7 @@ class Settings:
     pacing: str = _DEFAULTS["pacing"]
     expiry: str = _DEFAULTS["expiry"]
     livenessMisses: int = _DEFAULTS["livenessMisses"]
+    unreachableLimit: int = _DEFAULTS["unreachableLimit"]
     natDetect: frozenset[str] = _DEFAULTS["natDetect"]
     pingAll: bool = _DEFAULTS["pingAll"]
     sipTrace: bool = _DEFAULTS["sipTrace"]

@@ -100,6 +100,17 @@ class IExpiryPolicy(Interface):
             must be removed instead.
         """
 
+    def reachable(unreachable: int) -> bool:
+        """
+        Whether a binding is still alive after an ICMP error (port, host or
+        network unreachable) answered one of its heartbeats.
+
+        @param unreachable: ICMP errors its heartbeats drew, this one
+            included, counted by the sender since the binding's last
+            REGISTER or answered heartbeat.
+        @return: C{False} when the binding must be removed.
+        """
+
 
 class IPayload(Interface):
     """
@@ -168,6 +179,8 @@ class ICycle(Interface):
         """
         The bindings to send to at this send interval: a sequence, empty
         when nothing is due now, or C{None} when the cycle has nothing more.
+        The sender keeps it a while (to match ICMP errors to heartbeats):
+        never change a sequence once handed out.
         """
 
     def unreached() -> int:

@@ -7,21 +7,28 @@ controller (the registrar) and a response to whoever waits for responses
 (the heartbeat sender).  Faults the wire names are answered here; nothing a
 datagram holds can raise out of it.  It also paces its reads and tunes its
 socket, and offers the socket to bindings for heartbeats (L{IListener}).
+
+L{ListeningPort} is the Twisted UDP port under it, which also reads the
+ICMP errors the heartbeats draw (see L{natkeep.icmp}) and hands each to
+the protocol instead of closing on them.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 from collections import Counter
 from typing import Any, Callable, Optional
 
+from twisted.internet import udp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from natkeep import stun
+from natkeep import icmp, stun
 from natkeep.config import Settings
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
@@ -73,6 +80,150 @@ def tuneSocket(sock: socket.socket) -> None:
                 continue
 
 
+#: What a non-blocking receive says when nothing is left to read.
+_NOTHING_LEFT = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
+
+#: Bytes of a turn's read budget one ICMP error counts for.
+_ERROR_COST = 64
+
+
+class ListeningPort(udp.Port):
+    """
+    A Twisted UDP port that asks for ICMP errors (C{IP_RECVERR}) and reads
+    them from the socket's error queue, handing each to its protocol's
+    C{icmpErrorReceived}.
+
+    A plain L{udp.Port} with that option set would close itself on the
+    first error: a receive reports a pending error in place of a datagram
+    (raised unless it is C{ECONNREFUSED}), and a socket whose error queue
+    holds something while no datagram waits polls as an error without
+    input, which the reactor takes for the end of the connection.  Here a
+    receive error means "drain the queue and read on", and that end of the
+    connection drains the queue and reads on.
+
+    @ivar reportsErrors: whether the kernel queues ICMP errors on this
+        socket (Linux only).
+    """
+
+    reportsErrors = False
+    _drainCall: Optional[IDelayedCall] = None
+
+    def _bindSocket(self) -> None:
+        super()._bindSocket()  # type: ignore[no-untyped-call]
+        self.reportsErrors = icmp.enableErrors(self.socket)
+
+    def doRead(self) -> None:
+        sock = self.socket
+        size = self.maxPacketSize
+        protocol = self.protocol
+        six = self.addressFamily == socket.AF_INET6
+        read = 0
+        while read < self.maxThroughput:
+            try:
+                data, addr = sock.recvfrom(size)
+            except OSError as e:
+                if e.errno in _NOTHING_LEFT:
+                    return
+                if self.reportsErrors and e.errno in icmp.ICMP_ERRNOS:
+                    read += _ERROR_COST * (1 + self.drainErrors())
+                    continue
+                raise
+            read += len(data)
+            if six:
+                # Twisted's (host, port), without flow and scope.
+                addr = addr[:2]
+            try:
+                protocol.datagramReceived(data, addr)
+            except BaseException:
+                log.failure("Unhandled error in datagramReceived")
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        """
+        The reactor saw an error on the socket and no input: queued ICMP
+        errors.  Read them and go on reading, where a stock port would
+        close.
+        """
+        if not (self.reportsErrors and self.connected):
+            super().readConnectionLost(reason)
+            return
+        if (
+            self.drainErrors() == 0
+            and self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        ):
+            # Not the error queue after all: stop a busy loop on a socket
+            # that keeps polling as an error, but do not give up the port.
+            log.warn(
+                "UDP socket {address} reports an error without one",
+                address=self.getHost(),  # type: ignore[no-untyped-call]
+            )
+            reactor: Any = self.reactor
+            reactor.callLater(1, self._resumeReading)
+            return
+        self.startReading()  # type: ignore[no-untyped-call]
+
+    def _resumeReading(self) -> None:
+        if self.connected:
+            self.startReading()  # type: ignore[no-untyped-call]
+
+    def errorsPending(self) -> None:
+        """
+        A send on this socket reported a pending ICMP error: read the queue
+        in the next reactor turn (not now, in the middle of the sender's
+        loop).
+        """
+        if self._drainCall is None and self.reportsErrors:
+            reactor: Any = self.reactor
+            self._drainCall = reactor.callLater(0, self._drainSoon)
+
+    def _drainSoon(self) -> None:
+        self._drainCall = None
+        if self.connected:
+            self.drainErrors()
+
+    def drainErrors(self) -> int:
+        """
+        Take the ICMP errors queued on the socket to the protocol.
+
+        @return: how many were taken.
+        """
+        errors = icmp.drainErrors(self.socket)
+        received = getattr(self.protocol, "icmpErrorReceived", None)
+        if received is not None:
+            for found in errors:
+                try:
+                    received(found)
+                except Exception:
+                    log.failure("Unhandled error in icmpErrorReceived")
+        return len(errors)
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        call, self._drainCall = self._drainCall, None
+        if call is not None and call.active():
+            call.cancel()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+def _retryingSend(
+    send: Callable[[bytes, tuple[str, int]], int], transport: ListeningPort
+) -> Callable[[bytes, tuple[str, int]], int]:
+    """
+    C{send}, tried once more when it reports an ICMP error that an earlier
+    datagram drew (the kernel reports a pending error on the next send,
+    whatever its destination), and the error queue read soon after.
+    """
+
+    def sendto(data: bytes, address: tuple[str, int]) -> int:
+        try:
+            return send(data, address)
+        except OSError as e:
+            if e.errno not in icmp.ICMP_ERRNOS:
+                raise
+            transport.errorsPending()
+            return send(data, address)
+
+    return sendto
+
+
 @implementer(IListener)
 class SIPProtocol(DatagramProtocol):
     """
@@ -94,6 +245,8 @@ class SIPProtocol(DatagramProtocol):
     @ivar onResponseDatagram: offered each datagram that starts like a
         response, unparsed; when it returns C{True} it has dealt with it
         (an answer to one of natkeep's own requests, matched cheaply).
+    @ivar onUnreachable: told of each ICMP error saying a destination
+        cannot be reached, with this socket and the destination.
     @ivar readPause: the shortest time between the starts of two reads, in
         seconds; 0 reads at once.
     @ivar sipTrace: whether every message in is logged.
@@ -110,6 +263,7 @@ class SIPProtocol(DatagramProtocol):
         onResponseDatagram: Optional[Callable[[bytes, tuple[str, int]], bool]] = None,
         readPause: float = 0.0,
         sipTrace: bool = False,
+        onUnreachable: Optional[Callable[[IListener, tuple[str, int]], None]] = None,
     ) -> None:
         self.address = address
         self.controller = controller
@@ -120,6 +274,7 @@ class SIPProtocol(DatagramProtocol):
         self.onResponseDatagram = onResponseDatagram
         self.readPause = readPause
         self.sipTrace = sipTrace
+        self.onUnreachable = onUnreachable
         self._turnBytes = 0
         self._turnStarted = 0.0
         self._turnCall: Optional[IDelayedCall] = None
@@ -138,10 +293,14 @@ class SIPProtocol(DatagramProtocol):
         # Heartbeats are the hot path: send on the socket itself, skipping
         # the per-call address validation of the Twisted transport, which
         # costs more than the send.  Fakes without a socket use write().
-        sock = getattr(self.transport, "socket", None)
+        transport = self.transport
+        sock = getattr(transport, "socket", None)
         if sock is not None:
             tuneSocket(sock)
-            self.sendto = sock.sendto  # type: ignore[method-assign]
+            if isinstance(transport, ListeningPort) and transport.reportsErrors:
+                self.sendto = _retryingSend(sock.sendto, transport)
+            else:
+                self.sendto = sock.sendto  # type: ignore[method-assign]
         else:
             self.sendto = self._write  # type: ignore[method-assign]
         log.info("Registrar listening on UDP {address}", address=self.address)
@@ -165,6 +324,25 @@ class SIPProtocol(DatagramProtocol):
         return self._write(data, address)
 
     # Input
+
+    def icmpErrorReceived(self, error: icmp.ICMPError) -> None:
+        """
+        The socket's error queue held C{error}: count it, and tell
+        whoever watches for unreachable destinations.
+        """
+        self.stats["icmp.errors"] += 1
+        if not error.unreachable:
+            return
+        self.stats["icmp.unreachable"] += 1
+        log.debug(
+            "ICMP error {errno} (type {type} code {code}) for {destination}",
+            errno=error.errno,
+            type=error.type,
+            code=error.code,
+            destination=error.destination,
+        )
+        if self.onUnreachable is not None:
+            self.onUnreachable(self, error.destination)
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._turnCall is None and self.readPause > 0:

@@ -10,7 +10,10 @@ source address.
 The sender owns the payload and expiry strategies' view of heartbeats: SIP
 responses that arrive go to it (L{HeartbeatSender.responseReceived}), it
 asks the payload which binding they answer, and it keeps each binding's
-count of unanswered heartbeats, which the expiry policy judges.
+count of unanswered heartbeats, which the expiry policy judges.  It also
+hears of the ICMP errors heartbeats draw (L{HeartbeatSender.unreachable}),
+matches them to the bindings of its last few batches, and counts them per
+binding for the policy to judge in the same way.
 
 Nothing escapes a tick: a send error is counted and the batch goes on, and
 any other failure is logged, because an exception out of a L{LoopingCall}
@@ -19,7 +22,8 @@ would stop heartbeats for good.
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import Counter, deque
 from typing import Any, Collection, Optional, Sequence
 
 import attrs
@@ -30,11 +34,34 @@ from twisted.logger import Logger
 
 from natkeep.bindings import DEAD, Binding, BindingTable
 from natkeep.config import Settings
-from natkeep.interfaces import ICycle, IDatagramMatcher, IExpiryPolicy, IPacer, IPayload
+from natkeep.interfaces import (
+    ICycle,
+    IDatagramMatcher,
+    IExpiryPolicy,
+    IListener,
+    IPacer,
+    IPayload,
+)
 from natkeep.sip import Response
 from natkeep.strategies import Strategies
 
 log = Logger()
+
+#: Seconds after a heartbeat batch during which an ICMP error is matched to
+#: its bindings: far more than any round trip, and short enough to keep the
+#: recent batches few.
+ICMP_WINDOW = 2.0
+
+#: Per binding: a count, and the Call-ID and CSeq of the REGISTER it counts
+#: since (a new REGISTER starts it over).
+_Tally = dict[Binding, tuple[int, str, int]]
+
+
+def _countOf(tally: _Tally, binding: Binding) -> int:
+    count, callId, cseq = tally.get(binding, (0, "", 0))
+    if (callId, cseq) != (binding.callId, binding.cseq):
+        return 0
+    return count
 
 
 @attrs.define(slots=True)
@@ -93,9 +120,14 @@ class HeartbeatSender(Service):
         self._cycle: Optional[ICycle] = None
         self._periodLoop: Optional[LoopingCall] = None
         self._batchLoop: Optional[LoopingCall] = None
-        #: Per binding: heartbeats unanswered in a row, and the Call-ID and
-        #: CSeq of the REGISTER they count since (a new REGISTER starts over).
-        self._unanswered: dict[Binding, tuple[int, str, int]] = {}
+        #: Per binding: heartbeats unanswered in a row.
+        self._unanswered: _Tally = {}
+        #: Per binding: ICMP errors its heartbeats drew.
+        self._unreachable: _Tally = {}
+        #: The batches sent in the last ICMP_WINDOW seconds, newest last,
+        #: and their bindings by destination, made when an error needs it.
+        self._recent: deque[Sequence[Binding]] = deque()
+        self._recentIndex: Optional[dict[tuple[str, int], list[Binding]]] = None
         self.configure(settings, strategies)
 
     def configure(self, settings: Settings, strategies: Strategies) -> None:
@@ -117,6 +149,9 @@ class HeartbeatSender(Service):
         self.batchSize = settings.sendOneTime
         self.batchesPerCycle = settings.batchesPerCycle
         self.pingAll = settings.pingAll
+        window = max(1, math.ceil(ICMP_WINDOW / self.sendInterval)) if self.sendInterval else 1
+        self._recent = deque(self._recent, maxlen=window)
+        self._recentIndex = None
         if running:
             self.startService()
 
@@ -156,16 +191,60 @@ class HeartbeatSender(Service):
     def _answered(self, binding: Binding) -> None:
         self.stats["heartbeats.answered"] += 1
         self._unanswered.pop(binding, None)
+        self._unreachable.pop(binding, None)
 
     def unanswered(self, binding: Binding) -> int:
         """
         Heartbeats sent to C{binding} in a row that its device has not
         answered, since its last answer or REGISTER.
         """
-        count, callId, cseq = self._unanswered.get(binding, (0, "", 0))
-        if (callId, cseq) != (binding.callId, binding.cseq):
-            return 0
-        return count
+        return _countOf(self._unanswered, binding)
+
+    def unreachableCount(self, binding: Binding) -> int:
+        """
+        ICMP errors heartbeats to C{binding} drew since its last answer or
+        REGISTER.
+        """
+        return _countOf(self._unreachable, binding)
+
+    def unreachable(self, listener: IListener, destination: tuple[str, int]) -> None:
+        """
+        An ICMP error said C{destination} cannot be reached from
+        C{listener}: count it against the bindings a recent heartbeat went
+        to there, and remove those the expiry policy gives up on.
+        """
+        index = self._recentIndex
+        if index is None:
+            index = self._recentIndex = {}
+            for batch in self._recent:
+                for binding in batch:
+                    found = index.setdefault(binding.source, [])
+                    # Once each, though two recent batches may hold it.
+                    if binding not in found:
+                        found.append(binding)
+        stats = self.stats
+        matched = False
+        for binding in index.get(destination, ()):
+            if binding.listener is not listener or binding.expiresAt == DEAD:
+                continue
+            matched = True
+            count = _countOf(self._unreachable, binding) + 1
+            if self.expiry.reachable(count):
+                self._unreachable[binding] = (count, binding.callId, binding.cseq)
+                continue
+            self._unreachable.pop(binding, None)
+            self._unanswered.pop(binding, None)
+            self.table.remove(binding)
+            stats["bindings.unreachable"] += 1
+            log.info(
+                "Removed {aor} {uri}: {n} heartbeats to {destination} drew ICMP errors",
+                aor=binding.aor,
+                uri=binding.uri,
+                n=count,
+                destination=destination,
+            )
+        if matched:
+            stats["heartbeats.unreachable"] += 1
 
     def startService(self) -> None:
         super().startService()
@@ -212,10 +291,10 @@ class HeartbeatSender(Service):
             log.failure("Starting a heartbeat cycle failed")
 
     def _forgetDead(self) -> None:
-        unanswered = self._unanswered
-        if unanswered:
-            for binding in [b for b in unanswered if b.expiresAt == DEAD]:
-                del unanswered[binding]
+        for tally in (self._unanswered, self._unreachable):
+            if tally:
+                for binding in [b for b in tally if b.expiresAt == DEAD]:
+                    del tally[binding]
 
     def _closeCycle(self) -> None:
         self._stopBatches()
@@ -287,6 +366,11 @@ class HeartbeatSender(Service):
 
     def _send(self, batch: Sequence[Binding], report: CycleReport) -> None:
         now = self.clock.seconds()
+        if batch:
+            # Kept (not copied) for ICMP errors to find; a cycle hands each
+            # batch out once and never changes it.
+            self._recent.append(batch)
+            self._recentIndex = None
         sent = errors = skipped = removed = 0
         fixed = self.payload.fixed
         if fixed is not None and not self.expiry.tracksHeartbeats:

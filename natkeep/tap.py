@@ -40,7 +40,7 @@ from natkeep.config import (
 )
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.outbox import Outbox
-from natkeep.protocol import MAX_DATAGRAM, SIPProtocol
+from natkeep.protocol import MAX_DATAGRAM, ListeningPort, SIPProtocol
 from natkeep.registrar import Registrar
 from natkeep.sender import HeartbeatSender
 from natkeep.store import SQLiteStore, StoreError
@@ -137,7 +137,8 @@ class Options(usage.Options):
 
 class ListenerServer(UDPServer):
     """
-    A stock L{UDPServer} that ends start-up with one line naming the address
+    A L{UDPServer} on a L{ListeningPort} (which reads the ICMP errors the
+    heartbeats draw), that ends start-up with one line naming the address
     when it cannot bind.
     """
 
@@ -149,8 +150,11 @@ class ListenerServer(UDPServer):
         self.address = protocol.address
 
     def _getPort(self) -> Any:
+        port, protocol = self.args
+        listening = ListeningPort(port, protocol, reactor=self.reactor, **self.kwargs)
         try:
-            return super()._getPort()
+            listening.startListening()
+            return listening
         except error.CannotListenError as e:
             raise SystemExit(f"natkeep: cannot listen on {self.address}: {e.socketError}")
 
@@ -250,6 +254,9 @@ class Natkeep:
         self.reactor = reactor
         self.reloadSettings = reloadSettings
         self.stats: Counter[str] = Counter()
+        # Shown as 0 from the start, where a scrape expects them.
+        for name in ("heartbeats.unreachable", "bindings.unreachable", "icmp.errors"):
+            self.stats[name] = 0
         strategies = makeStrategies(settings)
         try:
             self.store = SQLiteStore(settings.db)
@@ -270,6 +277,7 @@ class Natkeep:
                 self.stats,
                 self.sender.responseReceived,
                 self.sender.responseDatagram,
+                onUnreachable=self.sender.unreachable,
             )
             for address in settings.listen
         }

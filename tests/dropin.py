@@ -23,6 +23,9 @@ class HalfExpiry:
     def alive(self, unanswered):
         return True
 
+    def reachable(self, unreachable):
+        return True
+
 
 @implementer(IPayload)
 class ShoutPayload:

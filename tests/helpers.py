@@ -48,6 +48,11 @@ class ClockedUDPReactor:
     def getDelayedCalls(self) -> Any:
         return self.clock.getDelayedCalls()
 
+    def __getattr__(self, name: str) -> Any:
+        # The rest of the I/O reactor (addReader, removeReader, ...), for
+        # the ports natkeep makes itself.
+        return getattr(reactor, name)
+
 
 class Device(DatagramProtocol):
     """

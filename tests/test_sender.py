@@ -93,6 +93,22 @@ class SenderTestCase(SynchronousTestCase):
         # The device number is its source port's offset.
         return [(t - START, address[1] - 10000) for t, _, address in self.listener.timeline]
 
+    def response(self, data: bytes, code: int = 200) -> Response:
+        """
+        The response a device sends to the heartbeat C{data}.
+        """
+        request = parseMessage(data)
+        return Response(
+            code,
+            "OK",
+            {
+                k: v
+                for k, v in request.headers.items()
+                if k in ("via", "from", "to", "call-id", "cseq")
+            },
+            b"",
+        )
+
     def record(self) -> None:
         self.listener.clock = self.clock
 
@@ -345,22 +361,6 @@ class OptionsPayloadTests(SenderTestCase):
         self.assertEqual(message.header("content-length"), "0")
         self.assertTrue(message.header("call-id"))
 
-    def response(self, data: bytes, code: int = 200) -> Response:
-        """
-        The response a device sends to the heartbeat C{data}.
-        """
-        request = parseMessage(data)
-        return Response(
-            code,
-            "OK",
-            {
-                k: v
-                for k, v in request.headers.items()
-                if k in ("via", "from", "to", "call-id", "cseq")
-            },
-            b"",
-        )
-
     def answer(self, payload: OptionsPayload, data: bytes, code: int = 200) -> object:
         return payload.responseReceived(self.response(data, code), ("198.51.100.1", 10000))
 
@@ -481,6 +481,118 @@ class OptionsPayloadTests(SenderTestCase):
         self.clock.advance(10)
         self.assertEqual(self.table.lookup(device.aor), [device])
         self.assertEqual(sender.unanswered(device), 1)
+
+
+class UnreachableTests(SenderTestCase):
+    """
+    ICMP errors drawn by heartbeats count per binding, and the expiry
+    policy removes a binding after its limit.
+    """
+
+    def test_removedAtLimit(self) -> None:
+        """
+        With the default limit of 3, a binding whose heartbeats drew three
+        ICMP errors is removed at the third; its neighbours are untouched
+        and the errors are counted.
+        """
+        dead, live = self.addDevices(2)
+        sender = self.makeSender()
+        sender.startService()
+        for n in (1, 2):
+            sender.unreachable(self.listener, dead.source)
+            self.assertEqual(sender.unreachableCount(dead), n)
+            self.clock.advance(10)
+        self.assertEqual(self.table.lookup(dead.aor), [dead])
+        sender.unreachable(self.listener, dead.source)
+        self.assertEqual(self.table.lookup(dead.aor), [])
+        self.assertEqual(self.table.lookup(live.aor), [live])
+        self.assertEqual(sender.stats["heartbeats.unreachable"], 3)
+        self.assertEqual(sender.stats["bindings.unreachable"], 1)
+        # Gone means no more heartbeats to it.
+        self.listener.clear()
+        self.clock.advance(10)
+        self.assertEqual([a for _, a in self.listener.clear()], [live.source])
+
+    def test_limitZeroKeeps(self) -> None:
+        """
+        C{unreachableLimit=0} counts the errors and removes nothing.
+        """
+        [dead] = self.addDevices(1)
+        sender = self.makeSender(expiry=CapExpiry(3600, 300, unreachableLimit=0))
+        sender.startService()
+        for _ in range(10):
+            sender.unreachable(self.listener, dead.source)
+        self.assertEqual(self.table.lookup(dead.aor), [dead])
+        self.assertEqual(sender.unreachableCount(dead), 10)
+
+    def test_registerStartsOver(self) -> None:
+        """
+        A REGISTER that changes the binding (new CSeq) starts the count
+        again, as does an answered heartbeat.
+        """
+        [device] = self.addDevices(1)
+        sender = self.makeSender(payload=OptionsPayload("tok"))
+        sender.startService()
+        sender.unreachable(self.listener, device.source)
+        sender.unreachable(self.listener, device.source)
+        device.cseq += 1
+        self.assertEqual(sender.unreachableCount(device), 0)
+        sender.unreachable(self.listener, device.source)
+        sender.unreachable(self.listener, device.source)
+        [(data, address)] = self.listener.clear()
+        sender.responseReceived(self.response(data), address)
+        self.assertEqual(sender.unreachableCount(device), 0)
+        sender.unreachable(self.listener, device.source)
+        self.assertEqual(self.table.lookup(device.aor), [device])
+
+    def test_onlyRecentHeartbeatsOfThatSocket(self) -> None:
+        """
+        An error counts only against a binding a recent heartbeat went to
+        from the socket that heard the error: one for an address nothing was
+        sent to, or from another socket, or before any heartbeat, is not
+        counted against a binding.
+        """
+        [device] = self.addDevices(1)
+        sender = self.makeSender()
+        sender.unreachable(self.listener, device.source)
+        sender.startService()
+        sender.unreachable(FakeListener(), device.source)
+        sender.unreachable(self.listener, ("198.51.100.1", 9))
+        self.assertEqual(sender.unreachableCount(device), 0)
+        self.assertEqual(sender.stats["heartbeats.unreachable"], 0)
+        # Far more batches later than the window holds, without a
+        # heartbeat to it, an error is no longer matched to it.
+        self.table.remove(device)
+        for n in range(30):
+            self.table.add(
+                Binding(
+                    f"sip:o{n}@example.com",
+                    "sip:o@10.0.0.1",
+                    "",
+                    ("198.51.100.2", n),
+                    self.listener,
+                    True,
+                    START + 3600,
+                    "o",
+                    1,
+                )
+            )
+        self.clock.advance(10)
+        self.assertEqual(len(sender._recent), 2)
+        sender.unreachable(self.listener, device.source)
+        self.assertEqual(sender.stats["heartbeats.unreachable"], 0)
+
+    def test_deadForgotten(self) -> None:
+        """
+        Counts of removed bindings are forgotten at the next cycle.
+        """
+        [device] = self.addDevices(1)
+        sender = self.makeSender()
+        sender.startService()
+        sender.unreachable(self.listener, device.source)
+        self.table.remove(device)
+        self.clock.advance(10)
+        self.assertEqual(sender._unreachable, {})
 
 
 class WiringTests(SynchronousTestCase):

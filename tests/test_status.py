@@ -42,7 +42,16 @@ class StatusTests(SynchronousTestCase):
         data = self.service.snapshot()
         self.assertEqual((data["bindings"], data["nat_bindings"]), (0, 0))
         self.assertEqual(data["last_cycle"]["missed"], 2)
-        self.assertEqual(data["counters"], {"requests.REGISTER": 7})
+        self.assertEqual(
+            data["counters"],
+            {
+                "requests.REGISTER": 7,
+                # Shown from the start, so a scrape finds them at 0.
+                "heartbeats.unreachable": 0,
+                "bindings.unreachable": 0,
+                "icmp.errors": 0,
+            },
+        )
 
     def test_prometheus(self) -> None:
         """

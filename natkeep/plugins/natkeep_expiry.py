@@ -16,11 +16,14 @@ from natkeep.strategies import StrategyMaker
 class CapExpiry:
     """
     Grant what the device asks for, capped at SS_ENDPOINT_EXPIRE, or at
-    SS_ENDPOINT_NAT_EXPIRE behind NAT.
+    SS_ENDPOINT_NAT_EXPIRE behind NAT; remove a binding whose heartbeats
+    drew C{unreachableLimit} ICMP errors since its last REGISTER or answer
+    (0: never).
     """
 
     endpointExpire: int
     endpointNatExpire: int
+    unreachableLimit: int = attrs.field(default=3, kw_only=True)
     name = "cap"
     tracksHeartbeats = False
 
@@ -29,6 +32,9 @@ class CapExpiry:
 
     def alive(self, unanswered: int) -> bool:
         return True
+
+    def reachable(self, unreachable: int) -> bool:
+        return self.unreachableLimit == 0 or unreachable < self.unreachableLimit
 
 
 @implementer(IExpiryPolicy)
@@ -66,17 +72,24 @@ cap = StrategyMaker(
     "cap",
     IExpiryPolicy,
     "grant min(requested, SS_ENDPOINT[_NAT]_EXPIRE) (default)",
-    lambda s: CapExpiry(s.endpointExpire, s.endpointNatExpire),
+    lambda s: CapExpiry(s.endpointExpire, s.endpointNatExpire, unreachableLimit=s.unreachableLimit),
 )
 fixed = StrategyMaker(
     "fixed",
     IExpiryPolicy,
     "always grant SS_ENDPOINT[_NAT]_EXPIRE, as VOS3000 does",
-    lambda s: FixedExpiry(s.endpointExpire, s.endpointNatExpire),
+    lambda s: FixedExpiry(
+        s.endpointExpire, s.endpointNatExpire, unreachableLimit=s.unreachableLimit
+    ),
 )
 liveness = StrategyMaker(
     "liveness",
     IExpiryPolicy,
     "as cap, and remove a binding after liveness_misses unanswered heartbeats",
-    lambda s: LivenessExpiry(s.endpointExpire, s.endpointNatExpire, s.livenessMisses),
+    lambda s: LivenessExpiry(
+        s.endpointExpire,
+        s.endpointNatExpire,
+        s.livenessMisses,
+        unreachableLimit=s.unreachableLimit,
+    ),
 )
