@@ -58,9 +58,6 @@ GC_THRESHOLDS = (50_000, 50, 100)
 #: whatever this is; it bounds how long a dead binding holds memory.
 SWEEP_INTERVAL = 1.0
 
-#: Parameters that are switches on the command line.
-_FLAGS = ("sip-trace", "ping-all")
-
 
 class Options(usage.Options):
     """
@@ -85,13 +82,13 @@ class Options(usage.Options):
     ] + [
         [option, None, None, help]
         for option, help in iterOptionHelp()
-        if option not in _FLAGS and option != "listen"
+        if option != "listen"
     ]
 
     optFlags = [
         ["check", None, "Validate the config, print the capacity plan and exit."],
         ["list-strategies", None, "List the installed strategies and exit."],
-    ] + [[option, None, help] for option, help in iterOptionHelp() if option in _FLAGS]
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,9 +125,8 @@ class Options(usage.Options):
         for option in BY_OPTION:
             if option == "listen":
                 cli[option] = self["listen"] or None
-            elif option in _FLAGS:
-                cli[option] = True if self[option] else None
             else:
+                # Yes/no settings take the file's spellings too.
                 cli[option] = self[option]
         return buildSettings(fileValues, cli)
 

@@ -260,6 +260,34 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(list(argv))
         return options.settings()
 
+    def test_yesNoSpellings(self) -> None:
+        """
+        Every yes/no setting takes on the command line the spellings the
+        config file takes, and a wrong one is named as in the file.
+        """
+        from natkeep.config import PARAMETERS, _boolean
+
+        switches = [p for p in PARAMETERS if p.parse is _boolean]
+        self.assertEqual({p.option for p in switches}, {"ping-all", "sip-trace"})
+        for parameter in switches:
+            for spelling, value in (
+                ("yes", True),
+                ("no", False),
+                ("on", True),
+                ("off", False),
+                ("true", True),
+                ("False", False),
+                ("1", True),
+                ("0", False),
+            ):
+                settings = self.settings(f"--{parameter.option}", spelling)
+                self.assertIs(getattr(settings, parameter.attribute), value)
+                fromFile = buildSettings({parameter.key: spelling}, {})
+                self.assertIs(getattr(fromFile, parameter.attribute), value)
+            error = self.assertRaises(ConfigError, self.settings, f"--{parameter.option}", "maybe")
+            self.assertIn(f"--{parameter.option}", str(error))
+            self.assertIn("allowed yes/no", str(error))
+
     def test_everyOption(self) -> None:
         """
         Every parameter has a lower-case option that sets it.
@@ -298,7 +326,9 @@ class OptionsTests(SynchronousTestCase):
             "--nat-detect",
             "via",
             "--ping-all",
+            "yes",
             "--sip-trace",
+            "on",
         )
         self.assertEqual(
             attrs.asdict(settings),
