@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from typing import Any, Collection, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -128,6 +128,8 @@ class HeartbeatSender(Service):
         #: and their bindings by destination, made when an error needs it.
         self._recent: deque[Sequence[Binding]] = deque()
         self._recentIndex: Optional[dict[tuple[str, int], list[Binding]]] = None
+        #: Told the duration of each cycle that finished (metrics).
+        self.onCycle: Optional[Callable[[float], None]] = None
         self.configure(settings, strategies)
 
     def configure(self, settings: Settings, strategies: Strategies) -> None:
@@ -309,6 +311,8 @@ class HeartbeatSender(Service):
 
     def _report(self, report: CycleReport) -> None:
         self.lastCycle = report
+        if self.onCycle is not None and report.duration is not None:
+            self.onCycle(report.duration)
         self.stats["heartbeats.missed"] += report.missed
         if report.missed:
             log.warn(

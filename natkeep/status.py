@@ -2,14 +2,14 @@
 The window: an HTTP status endpoint (off unless C{--status} is given).
 
 C{/status} is JSON for people and scripts: bindings, NATed bindings, the
-last heartbeat cycle and every counter.  C{/metrics} is the same in the
-Prometheus text format.
+last heartbeat cycle and every counter.  C{/metrics} is the Prometheus
+text its caller renders (L{natkeep.metrics}), and C{/bindings} the admin
+resource its caller gives (L{natkeep.admin}); this module knows neither.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -26,47 +26,25 @@ MAX_CONNECTIONS = 32
 #: sending one byte at a time is cut when this runs out.
 CONNECTION_DEADLINE = 10.0
 
-_METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
-
 #: What the endpoint shows, as plain data made fresh for each request:
 #: C{bindings}, C{nat_bindings}, C{settings}, C{last_cycle} and C{counters}.
 Snapshot = Callable[[], dict[str, Any]]
 
 
-def prometheus(data: dict[str, Any]) -> str:
-    """
-    The snapshot in the Prometheus text exposition format.
-    """
-    lines = [
-        "# TYPE natkeep_bindings gauge",
-        f"natkeep_bindings {data['bindings']}",
-        "# TYPE natkeep_nat_bindings gauge",
-        f"natkeep_nat_bindings {data['nat_bindings']}",
-        "# TYPE natkeep_cycle_capacity gauge",
-        f"natkeep_cycle_capacity {data['settings']['capacity']}",
-    ]
-    cycle = data["last_cycle"]
-    if cycle is not None:
-        for key in ("due", "sent", "missed", "errors", "skipped", "removed"):
-            lines.append(f"# TYPE natkeep_last_cycle_{key} gauge")
-            lines.append(f"natkeep_last_cycle_{key} {cycle[key]}")
-        if cycle["duration_s"] is not None:
-            lines.append("# TYPE natkeep_last_cycle_duration_seconds gauge")
-            lines.append(f"natkeep_last_cycle_duration_seconds {cycle['duration_s']}")
-    for key, value in data["counters"].items():
-        name = "natkeep_" + _METRIC_NAME.sub("_", key) + "_total"
-        lines.append(f"# TYPE {name} counter")
-        lines.append(f"{name} {value}")
-    return "\n".join(lines) + "\n"
+#: The Prometheus text exposition format's content type.
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Page(Resource):
     isLeaf = True
 
-    def __init__(self, snapshot: Snapshot, kind: str) -> None:
+    def __init__(
+        self, snapshot: Snapshot, kind: str, metrics: Optional[Callable[[], bytes]] = None
+    ) -> None:
         super().__init__()
         self.snapshot = snapshot
         self.kind = kind
+        self.metrics = metrics
 
     def render_GET(self, request: Request) -> bytes:
         if request.postpath:
@@ -74,23 +52,31 @@ class _Page(Resource):
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"text/plain")
             return b"not found\n"
+        if self.kind == "metrics" and self.metrics is not None:
+            request.setHeader(b"content-type", METRICS_TYPE)
+            return self.metrics()
         data = self.snapshot()
-        if self.kind == "metrics":
-            request.setHeader(b"content-type", b"text/plain; version=0.0.4")
-            return prometheus(data).encode("utf-8")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(data, indent=2).encode("utf-8") + b"\n"
 
 
-def statusResource(snapshot: Snapshot) -> Resource:
+def statusResource(
+    snapshot: Snapshot,
+    metrics: Optional[Callable[[], bytes]] = None,
+    admin: Optional[Resource] = None,
+) -> Resource:
     """
-    The resource tree: C{/status} and C{/metrics}; C{/} is C{/status}.
+    The resource tree: C{/status}, C{/metrics} when C{metrics} renders
+    them, C{/bindings} when C{admin} is given; C{/} is C{/status}.
     """
     root = _Page(snapshot, "status")
     root.isLeaf = False
     root.putChild(b"", _Page(snapshot, "status"))
     root.putChild(b"status", _Page(snapshot, "status"))
-    root.putChild(b"metrics", _Page(snapshot, "metrics"))
+    if metrics is not None:
+        root.putChild(b"metrics", _Page(snapshot, "metrics", metrics))
+    if admin is not None:
+        root.putChild(b"bindings", admin)
     return root
 
 

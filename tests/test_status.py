@@ -15,8 +15,9 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from natkeep.config import Settings
+from natkeep.metrics import Metrics
 from natkeep.sender import CycleReport
-from natkeep.status import GuardedFactory, prometheus, statusResource
+from natkeep.status import GuardedFactory, statusResource
 from natkeep.tap import Natkeep
 
 from .helpers import ClockedUDPReactor
@@ -55,22 +56,55 @@ class StatusTests(SynchronousTestCase):
 
     def test_prometheus(self) -> None:
         """
-        Counters become C{_total} counters with safe names; the last cycle
-        gauges.
+        Counters become C{_total} counters with HELP text, the method a
+        label; the last cycle shows as gauges; every known counter is there
+        at 0 from the start; the text parses with the library's parser.
         """
-        text = prometheus(self.service.snapshot())
-        self.assertIn(
-            "# TYPE natkeep_requests_REGISTER_total counter\nnatkeep_requests_REGISTER_total 7\n",
-            text,
-        )
-        self.assertIn("natkeep_last_cycle_missed 2\n", text)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = Metrics(self.service.snapshot, "9.9").render().decode("utf-8")
+        self.assertIn("# HELP natkeep_requests_total SIP requests received", text)
+        self.assertIn('natkeep_requests_total{method="REGISTER"} 7.0\n', text)
+        self.assertIn('natkeep_requests_total{method="OPTIONS"} 0.0\n', text)
+        self.assertIn("natkeep_heartbeats_unreachable_total 0.0\n", text)
+        self.assertIn("natkeep_last_cycle_missed 2.0\n", text)
         self.assertIn("natkeep_last_cycle_duration_seconds 1.5\n", text)
+        self.assertIn('natkeep_build_info{implementation="CPython"', text)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        for name, family in families.items():
+            self.assertTrue(family.documentation, f"{name} has no HELP")
+        self.assertEqual(families["natkeep_build_info"].samples[0].labels["version"], "9.9")
+        self.assertIn("process_resident_memory_bytes", families)
+        self.assertEqual(families["natkeep_cycle_duration_seconds"].type, "histogram")
+
+    def test_unknownCounterShown(self) -> None:
+        """
+        A counter the metric table does not know yet is still exported,
+        under a safe name; a labelled family takes any new label value.
+        """
+        self.service.stats["something.new-ish"] = 3
+        self.service.stats["dropped.weird"] = 2
+        text = Metrics(self.service.snapshot, "1").render().decode("utf-8")
+        self.assertIn("natkeep_something_new_ish_total 3.0\n", text)
+        self.assertIn('natkeep_dropped_total{reason="weird"} 2.0\n', text)
+
+    def test_cycleHistogram(self) -> None:
+        """
+        Each finished cycle's duration lands in the histogram.
+        """
+        metrics = Metrics(self.service.snapshot, "1")
+        metrics.cycleFinished(0.3)
+        metrics.cycleFinished(7.0)
+        text = metrics.render().decode("utf-8")
+        self.assertIn('natkeep_cycle_duration_seconds_bucket{le="0.5"} 1.0\n', text)
+        self.assertIn('natkeep_cycle_duration_seconds_bucket{le="10.0"} 2.0\n', text)
+        self.assertIn("natkeep_cycle_duration_seconds_count 2.0\n", text)
 
     def test_resources(self) -> None:
         """
         C{/status} renders JSON and C{/metrics} text.
         """
-        root = statusResource(self.service.snapshot)
+        root = statusResource(self.service.snapshot, Metrics(self.service.snapshot, "1").render)
         for path, kind in ((b"status", b"application/json"), (b"metrics", b"text/plain")):
             request = DummyRequest([path])
             body = getChildForRequest(root, request).render_GET(request)
@@ -91,7 +125,7 @@ class NotFoundTests(SynchronousTestCase):
         C{/status/anything} and C{/metrics/x} are 404; C{/nothing} has no
         page.
         """
-        root = statusResource(lambda: {})
+        root = statusResource(lambda: {}, lambda: b"")
         for path in ([b"status", b"anything"], [b"metrics", b"x"]):
             request = DummyRequest(path)
             page = getChildForRequest(root, request)

@@ -30,6 +30,26 @@ from .processes import (
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def insideFolder(path: str, folder: str) -> bool:
+    """
+    Whether C{path} lies in C{folder}, comparing real paths part by part
+    (C{x/natkeep-venv} is not inside C{x/natkeep}).
+    """
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, top]) == top
+
+
+class InsideFolderTests(SynchronousTestCase):
+    """
+    L{insideFolder}, which the installed-copy test relies on.
+    """
+
+    def test_siblingWithCommonPrefix(self) -> None:
+        self.assertFalse(insideFolder("/x/natkeep-venv/lib/natkeep/__init__.py", "/x/natkeep"))
+        self.assertTrue(insideFolder("/x/natkeep/natkeep/__init__.py", "/x/natkeep"))
+        self.assertTrue(insideFolder("/x/natkeep/../natkeep/natkeep/tap.py", "/x/natkeep/"))
+
+
 class ProcessTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.cwd = FilePath(self.mktemp())
@@ -70,8 +90,9 @@ class InstalledCopyTests(ProcessTestCase):
             text=True,
             check=True,
         ).stdout.split()
+        self.assertEqual(len(where), 2)
         for path in where:
-            self.assertFalse(path.startswith(SOURCE_TREE), f"{path} is in the source tree")
+            self.assertFalse(insideFolder(path, SOURCE_TREE), f"{path} is in the source tree")
 
     def test_thirdPartyListed(self) -> None:
         """
@@ -325,8 +346,8 @@ class StatusTests(ProcessTestCase):
         self.assertEqual(status["settings"]["capacity"], 60000)
         with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as page:
             metrics = page.read().decode()
-        self.assertIn("natkeep_bindings 3\n", metrics)
-        self.assertIn("natkeep_requests_REGISTER_total 3\n", metrics)
+        self.assertIn("natkeep_bindings 3.0\n", metrics)
+        self.assertIn('natkeep_requests_total{method="REGISTER"} 3.0\n', metrics)
         for path in ("/status/anything", "/nothing"):
             with self.assertRaises(urllib.error.HTTPError) as caught:
                 urllib.request.urlopen(f"http://127.0.0.1:{web}{path}", timeout=5)
