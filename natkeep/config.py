@@ -82,6 +82,22 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _optionalToken(text: str) -> Optional[str]:
+    value = text.strip()
+    if not value:
+        return None
+    if len(value) < 16 or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("at least 16 printable characters without spaces")
+    return value
+
+
+def _logFormat(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("not a log format")
+    return value
+
+
 MAX_MESSAGE_BYTES = 1200
 
 
@@ -347,6 +363,24 @@ PARAMETERS: tuple[Parameter, ...] = (
         "yes or no",
         "Log every SIP message in and out.",
     ),
+    Parameter(
+        "admin_token",
+        "admin-token",
+        "adminToken",
+        None,
+        _optionalToken,
+        "16 or more printable characters, or empty",
+        "Bearer token the /bindings admin API requires; empty: loopback clients only.",
+    ),
+    Parameter(
+        "log_format",
+        "log-format",
+        "logFormat",
+        "text",
+        _logFormat,
+        "text or json",
+        "Log lines as text, or one JSON object per line.",
+    ),
 )
 
 #: VOS3000 keys natkeep recognises but does not act on: accepted, with a
@@ -401,6 +435,8 @@ class Settings:
     expiry: str = _DEFAULTS["expiry"]
     livenessMisses: int = _DEFAULTS["livenessMisses"]
     unreachableLimit: int = _DEFAULTS["unreachableLimit"]
+    adminToken: Optional[str] = attrs.field(default=_DEFAULTS["adminToken"], repr=False)
+    logFormat: str = _DEFAULTS["logFormat"]
     natDetect: frozenset[str] = _DEFAULTS["natDetect"]
     pingAll: bool = _DEFAULTS["pingAll"]
     sipTrace: bool = _DEFAULTS["sipTrace"]

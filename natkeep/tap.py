@@ -28,6 +28,8 @@ from twisted.internet import error
 from twisted.logger import Logger
 from twisted.python import usage
 
+from natkeep import __version__
+from natkeep.admin import BindingsAdmin
 from natkeep.bindings import BindingTable
 from natkeep.config import (
     BY_OPTION,
@@ -39,6 +41,7 @@ from natkeep.config import (
     readConfigFile,
 )
 from natkeep.interfaces import IBindingStore, IListener
+from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
 from natkeep.protocol import MAX_DATAGRAM, ListeningPort, SIPProtocol
 from natkeep.registrar import Registrar
@@ -79,11 +82,7 @@ class Options(usage.Options):
             None,
             "With --check: plan for this many NATed devices (default: the bindings in the store).",
         ],
-    ] + [
-        [option, None, None, help]
-        for option, help in iterOptionHelp()
-        if option != "listen"
-    ]
+    ] + [[option, None, None, help] for option, help in iterOptionHelp() if option != "listen"]
 
     optFlags = [
         ["check", None, "Validate the config, print the capacity plan and exit."],
@@ -277,6 +276,8 @@ class Natkeep:
             )
             for address in settings.listen
         }
+        self.metrics: Optional[Metrics] = None
+        self.admin: Optional[BindingsAdmin] = None
         self._apply(settings, strategies)
 
         self.service = MultiService()
@@ -295,8 +296,14 @@ class Natkeep:
 
             from natkeep.status import GuardedFactory, statusResource
 
+            self.metrics = Metrics(self.snapshot, __version__)
+            self.sender.onCycle = self.metrics.cycleFinished
+            self.admin = BindingsAdmin(
+                self.table, reactor, self.outbox.flush, settings.adminToken, self.stats
+            )
             host, port = parseListenAddress(settings.status)
-            site = GuardedFactory(Site(statusResource(self.snapshot), reactor=reactor), reactor)
+            root = statusResource(self.snapshot, self.metrics.render, self.admin)
+            site = GuardedFactory(Site(root, reactor=reactor), reactor)
             TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(self.service)
 
     def _apply(self, settings: Settings, strategies: Strategies) -> None:
@@ -306,6 +313,8 @@ class Natkeep:
         for protocol in self.protocols.values():
             protocol.configure(settings)
         self.sender.configure(settings, strategies)
+        if self.admin is not None:
+            self.admin.token = settings.adminToken
 
     def logStart(self) -> None:
         """
@@ -396,6 +405,26 @@ class Natkeep:
         }
 
 
+def _checkLogFormat(settings: Settings, options: Options) -> None:
+    """
+    twistd picks its log observer before natkeep is built: a JSON log
+    format needs twistd's C{--logger} naming natkeep's JSON observer
+    (C{natkeep run} passes it).
+
+    @raise ConfigError: when the format asked for is not the one twistd
+        was started with.
+    """
+    from natkeep.logs import JSON_LOGGER, jsonLogger
+
+    parent = getattr(options, "parent", None)
+    chosen = parent.get("logger") if parent is not None else None
+    if settings.logFormat == "json" and chosen is not jsonLogger:
+        raise ConfigError(
+            f"log_format = json needs twistd --logger {JSON_LOGGER} "
+            "(natkeep run --log-format json passes it)"
+        )
+
+
 def makeService(options: Options) -> IService:
     """
     Build the natkeep service tree, tune the process and install the
@@ -411,6 +440,7 @@ def makeService(options: Options) -> IService:
             from natkeep.plan import printPlan
 
             raise SystemExit(printPlan(settings, options["devices"], sys.stdout))
+        _checkLogFormat(settings, options)
         natkeep = Natkeep(settings, reactor, reloadSettings=options.settings)
     except ConfigError as e:
         raise SystemExit(f"natkeep: error: {e}")

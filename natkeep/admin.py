@@ -1,0 +1,273 @@
+"""
+The desk: live binding admin over HTTP, on the status listener.
+
+C{GET /bindings} lists bindings (filters C{aor}, C{source}, C{nat}; paged by
+C{offset} and C{limit}); C{GET /bindings/<aor>} shows one AOR's bindings;
+C{DELETE /bindings/<aor>} removes them (C{?contact=<uri>} just one).  It
+acts on the live table, so heartbeats stop at once, and commits the
+removal to the store before answering.
+
+Who may call it: without an C{admin_token}, clients on loopback only; with
+one, any client that sends it as C{Authorization: Bearer <token>} (checked
+in constant time), and no one without it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from collections import Counter
+from typing import Any, Callable, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from natkeep.bindings import Binding, BindingTable
+from natkeep.sip import SIPError, parseURI
+
+#: Bindings one page lists unless C{limit} asks for fewer (or more, up to
+#: L{MAX_LIMIT}).
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 10_000
+
+
+class AdminError(Exception):
+    """
+    A request the admin API refuses, with its HTTP status.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def isLoopback(host: str) -> bool:
+    """
+    Whether C{host} (a client address) is a loopback address, IPv4-mapped
+    IPv6 included.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def canonicalAOR(text: str) -> str:
+    """
+    An AOR as an operator gives it (C{sip:1001@example.com}, or without the
+    scheme) in the table's canonical form.
+
+    @raise AdminError: 400 when it is not a SIP URI.
+    """
+    text = text.strip()
+    if not text.lower().startswith(("sip:", "sips:")):
+        text = "sip:" + text
+    try:
+        return parseURI(text).addressOfRecord()
+    except SIPError as e:
+        raise AdminError(400, f"not an AOR: {text!r} ({e.reason})")
+
+
+def describe(binding: Binding, now: float) -> dict[str, Any]:
+    """
+    One binding as the admin API shows it.
+    """
+    host, port = binding.source
+    return {
+        "aor": binding.aor,
+        "contact": binding.uri,
+        "params": binding.params,
+        "source": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "listener": binding.listener.address,
+        "nat": binding.nat,
+        "expires_in": max(0, round(binding.expiresAt - now)),
+        "call_id": binding.callId,
+        "cseq": binding.cseq,
+    }
+
+
+def _sourceMatcher(text: str) -> Callable[[tuple[str, int]], bool]:
+    """
+    A test of a binding's source against C{HOST} or C{HOST:PORT}
+    (C{[v6]:PORT} for IPv6).
+    """
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        wanted = ipaddress.ip_address(host)
+        number = int(port) if port else None
+    except ValueError:
+        raise AdminError(400, f"source must be HOST or HOST:PORT, not {text!r}")
+
+    def matches(source: tuple[str, int]) -> bool:
+        try:
+            if ipaddress.ip_address(source[0]) != wanted:
+                return False
+        except ValueError:
+            return False
+        return number is None or source[1] == number
+
+    return matches
+
+
+def _argument(request: Request, name: str) -> Optional[str]:
+    values: list[bytes] = (request.args or {}).get(name.encode("ascii")) or []
+    if not values:
+        return None
+    return values[-1].decode("utf-8", "replace")
+
+
+def _number(request: Request, name: str, default: int, high: int) -> int:
+    text = _argument(request, name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+        if not 0 <= value <= high:
+            raise ValueError
+    except ValueError:
+        raise AdminError(400, f"{name} must be a whole number 0..{high}, not {text!r}")
+    return value
+
+
+class BindingsAdmin(Resource):
+    """
+    C{/bindings}: the admin API.
+
+    @ivar table: the live binding table.
+    @ivar clock: for remaining expiry.
+    @ivar commit: makes removals durable (the store's commit, with the
+        answers held for it).
+    @ivar token: the bearer token callers must send, or C{None} for
+        loopback callers only.
+    @ivar stats: counts C{admin.removed}.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        table: BindingTable,
+        clock: IReactorTime,
+        commit: Callable[[], None],
+        token: Optional[str] = None,
+        stats: Optional[Counter[str]] = None,
+    ) -> None:
+        super().__init__()
+        self.table = table
+        self.clock = clock
+        self.commit = commit
+        self.token = token or None
+        self.stats: Counter[str] = Counter() if stats is None else stats
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            self._authorise(request)
+            method = request.method
+            if method in (b"GET", b"HEAD"):
+                result = self._get(request)
+            elif method == b"DELETE":
+                result = self._delete(request)
+            else:
+                request.setHeader(b"allow", b"GET, HEAD, DELETE")
+                raise AdminError(405, "only GET and DELETE")
+        except AdminError as e:
+            request.setResponseCode(e.status)
+            result = {"error": str(e)}
+        body = json.dumps(result, indent=2).encode("utf-8") + b"\n"
+        return b"" if request.method == b"HEAD" else body
+
+    def _authorise(self, request: Request) -> None:
+        if self.token is None:
+            peer: Any = request.getClientAddress()
+            if not isLoopback(getattr(peer, "host", "")):
+                raise AdminError(403, "admin API is for loopback clients unless admin_token is set")
+            return
+        raw = request.getHeader(b"authorization") or b""
+        given = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        scheme, _, credential = given.partition(" ")
+        if not (
+            scheme.lower() == "bearer"
+            and hmac.compare_digest(credential.strip().encode("utf-8"), self.token.encode("utf-8"))
+        ):
+            request.setHeader(b"www-authenticate", b'Bearer realm="natkeep"')
+            raise AdminError(401, "a valid admin token is required")
+
+    def _path(self, request: Request) -> Optional[str]:
+        parts = [part for part in request.postpath or [] if part]
+        if not parts:
+            return None
+        if len(parts) > 1:
+            raise AdminError(404, "no such resource")
+        return canonicalAOR(parts[0].decode("utf-8", "replace"))
+
+    def _get(self, request: Request) -> dict[str, Any]:
+        now = self.clock.seconds()
+        aor = self._path(request)
+        if aor is not None:
+            bindings = self._live(aor)
+            if not bindings:
+                raise AdminError(404, f"no bindings for {aor}")
+            return {"aor": aor, "bindings": [describe(b, now) for b in bindings]}
+        return self._list(request, now)
+
+    def _live(self, aor: str) -> list[Binding]:
+        now = self.clock.seconds()
+        return [b for b in self.table.lookup(aor) if b.expiresAt > now]
+
+    def _list(self, request: Request, now: float) -> dict[str, Any]:
+        offset = _number(request, "offset", 0, 2**31)
+        limit = _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
+        tests: list[Callable[[Binding], bool]] = []
+        aor = _argument(request, "aor")
+        if aor is not None:
+            wanted = canonicalAOR(aor)
+            tests.append(lambda b: b.aor == wanted)
+        source = _argument(request, "source")
+        if source is not None:
+            matches = _sourceMatcher(source)
+            tests.append(lambda b: matches(b.source))
+        nat = _argument(request, "nat")
+        if nat is not None:
+            flag = nat.strip().lower()
+            if flag not in ("yes", "no", "true", "false", "1", "0"):
+                raise AdminError(400, f"nat must be yes or no, not {nat!r}")
+            natOnly = flag in ("yes", "true", "1")
+            tests.append(lambda b: b.nat == natOnly)
+        chosen = [b for b in self.table if b.expiresAt > now and all(test(b) for test in tests)]
+        chosen.sort(key=lambda b: (b.aor, b.uri))
+        return {
+            "total": len(chosen),
+            "offset": offset,
+            "limit": limit,
+            "bindings": [describe(b, now) for b in chosen[offset : offset + limit]],
+        }
+
+    def _delete(self, request: Request) -> dict[str, Any]:
+        aor = self._path(request)
+        if aor is None:
+            raise AdminError(405, "DELETE names an AOR: /bindings/<aor>")
+        bindings = self._live(aor)
+        contact = _argument(request, "contact")
+        if contact is not None:
+            bindings = [b for b in bindings if b.uri == contact.strip()]
+        if not bindings:
+            raise AdminError(404, f"no bindings for {aor}" + (f" {contact}" if contact else ""))
+        for binding in bindings:
+            self.table.remove(binding)
+        self.commit()
+        self.stats["admin.removed"] += len(bindings)
+        return {"aor": aor, "removed": [b.uri for b in bindings]}
