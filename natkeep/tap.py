@@ -93,6 +93,13 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
 
+    def opt_version(self) -> None:
+        """
+        Print natkeep's version and exit.
+        """
+        print(f"natkeep {__version__}")
+        raise SystemExit(0)
+
     def opt_listen(self, address: str) -> None:
         """
         UDP HOST:PORT to listen on; repeat for several ([::]:5060 for IPv6). [file key listen; default 0.0.0.0:5060]

@@ -344,6 +344,10 @@ class CommandTests(SynchronousTestCase):
         assert script is not None
         viaScript = subprocess.run([script, "--version"], capture_output=True, text=True)
         self.assertEqual(viaScript.stdout.strip(), f"natkeep {natkeep.__version__}")
+        cwd = FilePath(self.mktemp())
+        cwd.makedirs()
+        viaTwistd = runTwistd(["natkeep", "--version"], cwd.path, cleanEnv())
+        self.assertEqual(viaTwistd.stdout.strip(), f"natkeep {natkeep.__version__}")
 
     def test_check(self) -> None:
         """
