@@ -36,6 +36,13 @@ class IListener(Interface):
         "same socket again."
     )
 
+    sentBy = Attribute(
+        "C{host:port} natkeep writes for this socket in the messages it makes "
+        "(Via, Record-Route, From, Contact): routable, never a wildcard.  The "
+        "listener's C{advertise} address, else its own bound address, else "
+        "the host's address for its family."
+    )
+
     def sendto(data: bytes, address: tuple[str, int]) -> object:
         """
         Send one datagram from this socket.

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import ipaddress
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
 
 from natkeep.nat import NAT_TESTS
-from natkeep.sip import splitHostPort
+from natkeep.sip import SIPError, parseURI, splitHostPort
 
 
 class ConfigError(ValueError):
@@ -164,8 +165,63 @@ def _listen(text: str) -> tuple[str, ...]:
     parts = text.replace(",", " ").split()
     if not parts:
         raise ValueError("allowed one or more HOST:PORT")
+    entries: list[str] = []
+    while parts:
+        address = parts.pop(0)
+        parseListenAddress(address)
+        if parts and parts[0].lower() == "advertise":
+            parts.pop(0)
+            if not parts:
+                raise ValueError("advertise needs HOST:PORT after it")
+            advertised = parts.pop(0)
+            host, _ = parseListenAddress(advertised)
+            if host.strip("[]") in ("0.0.0.0", "::", ""):
+                raise ValueError("advertise needs a routable address, not a wildcard")
+            entries.append(f"{address} advertise {advertised}")
+        else:
+            entries.append(address)
+    return tuple(entries)
+
+
+def splitListen(entry: str) -> tuple[str, Optional[str]]:
+    """
+    One C{listen} entry as its bound address and its C{advertise} address
+    (L{None} when it has none).
+    """
+    address, _, advertised = entry.partition(" advertise ")
+    return address, advertised or None
+
+
+def _upstream(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text:
+        return None
+    if not text.lower().startswith("sip:"):
+        text = "sip:" + text
+    try:
+        uri = parseURI(text)
+    except SIPError:
+        raise ValueError("allowed sip:HOST[:PORT] (UDP), or empty")
+    if uri.user is not None or not uri.host:
+        raise ValueError("allowed sip:HOST[:PORT] (UDP), without a user part")
+    return text
+
+
+def _domains(text: str) -> frozenset[str]:
+    names = frozenset(part.lower() for part in text.replace(",", " ").split())
+    for name in names:
+        if not all(c.isalnum() or c in "-._[]:" for c in name):
+            raise ValueError(f"{name!r} is not a domain; allowed domain names or addresses")
+    return names
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    parts = text.replace(",", " ").split()
     for part in parts:
-        parseListenAddress(part)
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a network; allowed CIDR blocks such as 192.0.2.0/24")
     return tuple(parts)
 
 
@@ -270,6 +326,33 @@ PARAMETERS: tuple[Parameter, ...] = (
         _listen,
         "HOST:PORT or [IPv6]:PORT, several allowed",
         "UDP address to listen on; repeat for several ([::]:5060 for IPv6).",
+    ),
+    Parameter(
+        "upstream",
+        "upstream",
+        "upstream",
+        None,
+        _upstream,
+        "sip:HOST[:PORT] or empty",
+        "Softswitch or PBX to relay devices' requests to (UDP); empty: no relay, registrar only.",
+    ),
+    Parameter(
+        "domains",
+        "domains",
+        "domains",
+        frozenset(),
+        _domains,
+        "domain names, comma-separated, or empty",
+        "Domains whose AORs natkeep serves; REGISTER for another gets 403.  Empty: any domain.",
+    ),
+    Parameter(
+        "trusted",
+        "trusted",
+        "trusted",
+        (),
+        _networks,
+        "CIDR blocks, comma-separated",
+        "Sources besides registered devices and the upstream whose requests are relayed.",
     ),
     Parameter(
         "db",
@@ -430,6 +513,9 @@ class Settings:
     listen: tuple[str, ...] = _DEFAULTS["listen"]
     db: str = _DEFAULTS["db"]
     status: Optional[str] = _DEFAULTS["status"]
+    upstream: Optional[str] = _DEFAULTS["upstream"]
+    domains: frozenset[str] = _DEFAULTS["domains"]
+    trusted: tuple[str, ...] = _DEFAULTS["trusted"]
     payload: str = _DEFAULTS["payload"]
     pacing: str = _DEFAULTS["pacing"]
     expiry: str = _DEFAULTS["expiry"]

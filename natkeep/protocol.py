@@ -224,6 +224,45 @@ def _retryingSend(
     return sendto
 
 
+#: Addresses a routing lookup is made toward to find the host's own address
+#: for each family (documentation ranges: a UDP connect sends nothing).
+_ROUTE_PROBES: dict[int, tuple[str, int]] = {
+    socket.AF_INET: ("192.0.2.1", 9),
+    socket.AF_INET6: ("2001:db8::1", 9),
+}
+
+
+def hostAddress(family: int) -> str:
+    """
+    The address the host sends from by default for C{family}: what a
+    wildcard listener writes into messages when no C{advertise} is set.
+    Loopback when there is no route at all.
+    """
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(_ROUTE_PROBES[family])
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+def sentByFor(address: str, advertise: Optional[str] = None) -> str:
+    """
+    What a listener bound to C{address} (C{host:port}, C{[v6]:port}) writes
+    as its own address: C{advertise} when given, else C{address} unless its
+    host is a wildcard, else the host's default address on that port.
+    """
+    if advertise:
+        return advertise
+    host, _, port = address.rpartition(":")
+    bare = host.strip("[]")
+    if bare not in ("", "0.0.0.0", "::"):
+        return address
+    if ":" in bare:
+        return f"[{hostAddress(socket.AF_INET6)}]:{port}"
+    return f"{hostAddress(socket.AF_INET)}:{port}"
+
+
 @implementer(IListener)
 class SIPProtocol(DatagramProtocol):
     """
@@ -240,6 +279,7 @@ class SIPProtocol(DatagramProtocol):
     UDP port); with C{readPause} 0 any transport will do.
 
     @ivar address: the listening address as configured.
+    @ivar sentBy: the address written into messages (L{IListener.sentBy}).
     @ivar controller: what requests go to.
     @ivar onResponse: what responses go to, with their source.
     @ivar onResponseDatagram: offered each datagram that starts like a
@@ -264,8 +304,10 @@ class SIPProtocol(DatagramProtocol):
         readPause: float = 0.0,
         sipTrace: bool = False,
         onUnreachable: Optional[Callable[[IListener, tuple[str, int]], None]] = None,
+        advertise: Optional[str] = None,
     ) -> None:
         self.address = address
+        self.sentBy = sentByFor(address, advertise)
         self.controller = controller
         self.outbox = outbox
         self.clock = clock

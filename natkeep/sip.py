@@ -760,3 +760,43 @@ def renderResponse(
         copied = _copiedHeaders(fields)
     text = f"SIP/2.0 {code} {reason}\r\nVia: {top}\r\n{others}{copied}{extra}{trailer}"
     return text.encode("utf-8")
+
+
+#: How header names are written when natkeep renders a message it relays;
+#: any other is written with each dash-separated word capitalised.
+_WRITTEN_NAMES = {
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "www-authenticate": "WWW-Authenticate",
+    "mime-version": "MIME-Version",
+    "rseq": "RSeq",
+    "rack": "RAck",
+    "sip-etag": "SIP-ETag",
+    "sip-if-match": "SIP-If-Match",
+}
+
+
+def writtenName(name: str) -> str:
+    """
+    The conventional spelling of the lower-case header name C{name}.
+    """
+    written = _WRITTEN_NAMES.get(name)
+    if written is None:
+        written = _WRITTEN_NAMES[name] = "-".join(part.capitalize() for part in name.split("-"))
+    return written
+
+
+def renderMessage(startLine: str, headers: dict[str, list[str]], body: bytes) -> bytes:
+    """
+    A message from its start line, headers (lower-case names, values in
+    order) and body.  C{Content-Length} is written from the body, whatever
+    C{headers} says.
+    """
+    lines = [startLine]
+    for name, values in headers.items():
+        if name == "content-length":
+            continue
+        written = writtenName(name)
+        lines.extend(f"{written}: {value}" for value in values)
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body

@@ -39,13 +39,16 @@ from natkeep.config import (
     iterOptionHelp,
     parseListenAddress,
     readConfigFile,
+    splitListen,
 )
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
 from natkeep.protocol import MAX_DATAGRAM, ListeningPort, SIPProtocol
 from natkeep.registrar import Registrar
+from natkeep.relay import Relay, resolveUpstream
 from natkeep.sender import HeartbeatSender
+from natkeep.sip import Response
 from natkeep.store import SQLiteStore, StoreError
 from natkeep.strategies import Strategies, adviceFor, describeStrategies, makeStrategies
 
@@ -270,19 +273,30 @@ class Natkeep:
             self.table, reactor, self.outbox, strategies.expiry, store=self.store
         )
         self.sender = HeartbeatSender(self.table, reactor, settings, strategies, self.stats)
-        self.protocols = {
-            address: SIPProtocol(
+        self.protocols: dict[str, SIPProtocol] = {}
+        for entry in settings.listen:
+            address, advertise = splitListen(entry)
+            self.protocols[address] = SIPProtocol(
                 address,
                 self.registrar,
                 self.outbox,
                 reactor,
                 self.stats,
-                self.sender.responseReceived,
+                self._responseReceived,
                 self.sender.responseDatagram,
                 onUnreachable=self.sender.unreachable,
+                advertise=advertise,
             )
-            for address in settings.listen
-        }
+        self.relay = Relay(
+            self.registrar,
+            self.table,
+            reactor,
+            self.outbox,
+            list(self.protocols.values()),
+            self.stats,
+        )
+        for protocol in self.protocols.values():
+            protocol.controller = self.relay
         self.metrics: Optional[Metrics] = None
         self.admin: Optional[BindingsAdmin] = None
         self._apply(settings, strategies)
@@ -313,8 +327,14 @@ class Natkeep:
             site = GuardedFactory(Site(root, reactor=reactor), reactor)
             TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(self.service)
 
+    def _responseReceived(self, response: Response, source: tuple[str, int]) -> None:
+        # Answers to relayed requests go on; the rest are heartbeats'.
+        if not self.relay.responseReceived(response, source):
+            self.sender.responseReceived(response, source)
+
     def _apply(self, settings: Settings, strategies: Strategies) -> None:
         self.settings = settings
+        self.relay.configure(settings)
         self.outbox.configure(settings)
         self.registrar.configure(settings, strategies)
         for protocol in self.protocols.values():
@@ -354,6 +374,7 @@ class Natkeep:
         try:
             new = self.reloadSettings()
             strategies = makeStrategies(new)
+            resolveUpstream(new)
         except ConfigError as e:
             log.error("Reload refused, settings unchanged: {error}", error=str(e))
             return False

@@ -37,6 +37,7 @@ class FakeListener:
     """
 
     address: str = "127.0.0.1:5060"
+    sentBy: str = "127.0.0.1:5060"
     sent: list[tuple[bytes, tuple[str, int]]] = attrs.field(factory=list)
     failures: int = 0
     clock: Optional[IReactorTime] = None

@@ -87,7 +87,7 @@ class OptionsPayload:
         self._cseq = cseq = self._cseq + 1
         callId = f"{self.token}-{binding.phase}@natkeep"
         self._outstanding[callId] = binding
-        address = binding.listener.address
+        address = binding.listener.sentBy
         via, sender = self._heads.get(address) or self._head(address)
         uri = binding.uri
         return (

@@ -1,0 +1,487 @@
+"""
+The edge: natkeep relays SIP between its devices and an upstream
+softswitch, as an RFC 3261 §16.11 stateless proxy.
+
+A NAT that filters by address and port lets in only what comes from the
+socket a device's heartbeats leave from, so every request to a device must
+leave from the listener it registered on.  L{Relay} is the controller in
+front of the registrar: REGISTER and requests for natkeep itself go to the
+registrar, anything else is proxied.
+
+- A request for an AOR natkeep serves goes to that AOR's binding: the
+  Request-URI becomes the Contact and the datagram goes to the binding's
+  public address from its listener.  A request from a registered device for
+  anything else goes to C{upstream}.  Other sources (not a device, not the
+  upstream, not C{trusted}) are refused with 403.
+- Dialog-creating requests get a Record-Route naming natkeep, whose user
+  part is a signed flow token: the device's public address and listener.
+  In-dialog requests come back with it as their Route, and the token says
+  where the device is, whatever its Contact claims (RFC 5626's edge proxy
+  idea, without the extension).
+- natkeep's own Via carries a branch that hashes the request's previous top
+  Via with a per-run secret: a response is forwarded only when that hash
+  holds (it answers a request natkeep relayed), to the next Via's
+  C{received}/C{rport}, from the listener the request came in on.
+
+Bodies pass untouched; media is not relayed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import os
+import socket
+import struct
+from collections import Counter
+from typing import Optional, Sequence
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from natkeep.bindings import Binding, BindingTable
+from natkeep.config import Settings
+from natkeep.interfaces import IListener, ISIPController
+from natkeep.outbox import Outbox
+from natkeep.sip import (
+    URI,
+    Request,
+    Response,
+    SIPError,
+    Via,
+    parseNameAddr,
+    parseURI,
+    parseVia,
+    renderMessage,
+    splitHostPort,
+    splitValues,
+)
+
+log = Logger()
+
+#: The branch prefix of natkeep's relay Via (RFC 3261 magic cookie first).
+BRANCH_PREFIX = "z9hG4bK-nk"
+
+#: The user part prefix of a flow token in natkeep's Record-Route.
+FLOW_PREFIX = "nkf-"
+
+#: The Max-Forwards a request without one is given (RFC 3261 §16.6 step 3).
+MAX_FORWARDS = 70
+
+#: Methods that get no Record-Route: they create no dialog.
+_NO_RECORD_ROUTE = frozenset({"ACK", "CANCEL", "REGISTER"})
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class FlowTokens:
+    """
+    Signed tokens naming a device's flow: the listener it registered on
+    and its public address.  A token this run did not sign decodes to
+    nothing, so a Route cannot aim natkeep at an address of someone's
+    choosing.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+
+    def _mac(self, data: bytes) -> bytes:
+        return hmac.new(self.secret, data, hashlib.sha256).digest()[:8]
+
+    def encode(self, listener: int, address: tuple[str, int]) -> str:
+        packed = struct.pack("!BH", listener, address[1]) + ipaddress.ip_address(address[0]).packed
+        return FLOW_PREFIX + _b64(packed + self._mac(packed))
+
+    def decode(self, token: str) -> Optional[tuple[int, tuple[str, int]]]:
+        if not token.startswith(FLOW_PREFIX):
+            return None
+        try:
+            data = _unb64(token[len(FLOW_PREFIX) :])
+        except ValueError:
+            return None
+        packed, mac = data[:-8], data[-8:]
+        if len(packed) not in (7, 19) or not hmac.compare_digest(mac, self._mac(packed)):
+            return None
+        listener, port = struct.unpack("!BH", packed[:3])
+        host = str(ipaddress.ip_address(packed[3:]))
+        return listener, (host, port)
+
+
+def resolveUpstream(settings: Settings) -> Optional[tuple[str, int]]:
+    """
+    The address of C{settings.upstream}, its host name resolved once (at
+    start and on reload, never per request).
+
+    @raise natkeep.config.ConfigError: when it cannot be resolved.
+    """
+    from natkeep.config import ConfigError
+
+    if settings.upstream is None:
+        return None
+    uri = parseURI(settings.upstream)
+    host = uri.host
+    if not _isAddress(host):
+        try:
+            host = str(socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0])
+        except OSError as e:
+            raise ConfigError(f"upstream = {settings.upstream!r} is invalid: {e}")
+    return host, uri.port or 5060
+
+
+def _isAddress(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+@implementer(ISIPController)
+class Relay:
+    """
+    The controller in front of the registrar: it serves the domain check,
+    hands the registrar what is for natkeep, and proxies the rest.
+
+    @ivar listeners: every listening socket, in C{listen} order (flow tokens
+        and Via name them by position).
+    @ivar upstream: C{(host, port)} requests from devices go to, or L{None}
+        when relaying is off.
+    @ivar domains: the domains served; empty serves any.
+    @ivar trusted: networks whose requests are relayed besides devices and
+        the upstream.
+    """
+
+    def __init__(
+        self,
+        registrar: ISIPController,
+        table: BindingTable,
+        clock: IReactorTime,
+        outbox: Outbox,
+        listeners: Sequence[IListener],
+        stats: Optional[Counter[str]] = None,
+        secret: Optional[bytes] = None,
+    ) -> None:
+        self.registrar = registrar
+        self.table = table
+        self.clock = clock
+        self.outbox = outbox
+        self.listeners = list(listeners)
+        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.secret = secret or os.urandom(32)
+        self.tokens = FlowTokens(self.secret)
+        self.upstream: Optional[tuple[str, int]] = None
+        self.upstreamHost: Optional[str] = None
+        self.domains: frozenset[str] = frozenset()
+        self.trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        self._own: set[tuple[str, int]] = set()
+        for listener in self.listeners:
+            for address in (listener.sentBy, listener.address):
+                host, port = splitHostPort(address)
+                if host not in ("0.0.0.0", "::"):
+                    self._own.add((host.lower(), port or 5060))
+
+    def configure(self, settings: Settings) -> None:
+        """
+        Take C{upstream}, C{domains} and C{trusted} from C{settings}.
+
+        @raise natkeep.config.ConfigError: when the upstream's host name
+            cannot be resolved.
+        """
+        self.domains = settings.domains
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in settings.trusted)
+        self.upstream = resolveUpstream(settings)
+        self.upstreamHost = (
+            parseURI(settings.upstream).host.lower() if settings.upstream is not None else None
+        )
+
+    # Who is who
+
+    def _ours(self, uri: URI) -> bool:
+        return (uri.host.lower(), uri.port or 5060) in self._own
+
+    def _served(self, uri: URI) -> bool:
+        """
+        Whether C{uri} names an AOR natkeep serves.
+        """
+        if self._ours(uri):
+            return True
+        if self.domains:
+            return uri.host.lower() in self.domains
+        return bool(self.table.lookup(uri.addressOfRecord()))
+
+    def _isDevice(self, request: Request, source: tuple[str, int]) -> bool:
+        try:
+            sender = parseURI(parseNameAddr(request.headers["from"][0]).uri)
+        except SIPError:
+            return False
+        return any(b.source == source for b in self.table.lookup(sender.addressOfRecord()))
+
+    def _isPeer(self, source: tuple[str, int]) -> bool:
+        if self.upstream is not None and source[0] == self.upstream[0]:
+            return True
+        if self.trusted:
+            try:
+                address = ipaddress.ip_address(source[0])
+            except ValueError:
+                return False
+            return any(address in network for network in self.trusted)
+        return False
+
+    def _listenerFor(self, host: str, arrived: IListener) -> tuple[int, IListener]:
+        """
+        The socket to send to C{host} from: the one the request arrived on
+        when it has the same family, else the first that has.
+        """
+        family = _family(host)
+        candidates = [arrived] + self.listeners
+        for listener in candidates:
+            if _family(listener.sentBy.rpartition(":")[0].strip("[]")) == family:
+                return self.listeners.index(listener), listener
+        raise SIPError("No Route To Destination", 503)
+
+    # Requests
+
+    def requestReceived(
+        self,
+        request: Request,
+        via: Via,
+        cseq: int,
+        source: tuple[str, int],
+        listener: IListener,
+    ) -> None:
+        method = request.method
+        if method == "REGISTER":
+            if self.domains:
+                to = parseURI(parseNameAddr(request.headers["to"][0]).uri)
+                if to.host.lower() not in self.domains and not self._ours(to):
+                    raise SIPError("Domain Not Served", 403)
+            self.registrar.requestReceived(request, via, cseq, source, listener)
+            return
+        if self.upstream is None:
+            self.registrar.requestReceived(request, via, cseq, source, listener)
+            return
+        uri = parseURI(request.uri)
+        if uri.user is None and self._ours(uri) and not request.headers.get("route"):
+            # For natkeep itself: OPTIONS pings, and 405 for the rest.
+            self.registrar.requestReceived(request, via, cseq, source, listener)
+            return
+        self._relay(request, via, source, listener)
+
+    def _relay(
+        self, request: Request, via: Via, source: tuple[str, int], arrived: IListener
+    ) -> None:
+        headers = request.headers
+        method = request.method
+        forwards = MAX_FORWARDS
+        values = headers.get("max-forwards")
+        if values:
+            try:
+                forwards = int(values[0])
+                if not 0 <= forwards <= 255:
+                    raise ValueError
+            except ValueError:
+                raise SIPError("Invalid Max-Forwards")
+            if forwards == 0:
+                raise SIPError("Too Many Hops", 483)
+        vias = splitValues(headers["via"])
+        loopKey = self._loopKey(request)
+        for value in vias:
+            try:
+                other = parseVia(value)
+            except SIPError:
+                continue
+            branch = other.param("branch") or ""
+            if branch.startswith(BRANCH_PREFIX) and branch.endswith("." + loopKey):
+                raise SIPError("Loop Detected", 482)
+
+        routes = splitValues(headers.get("route", []))
+        flow: Optional[tuple[int, tuple[str, int]]] = None
+        if routes:
+            first = parseURI(parseNameAddr(routes[0]).uri)
+            if self._ours(first):
+                routes.pop(0)
+                if first.user:
+                    flow = self.tokens.decode(first.user)
+        target = request.uri
+        uri = parseURI(target)
+        if self._ours(uri) and uri.user and uri.user.startswith(FLOW_PREFIX) and routes:
+            # A strict router before us put our Record-Route in the
+            # Request-URI (RFC 3261 §16.4).
+            flow = self.tokens.decode(uri.user)
+            target = parseNameAddr(routes.pop()).uri
+            uri = parseURI(target)
+
+        fromDevice = self._isDevice(request, source)
+        initial = _toTag(request) is None
+        recordFlow: Optional[str] = None
+        destination: tuple[IListener, tuple[str, int]]
+        if flow is not None and flow[1] != source:
+            # In a dialog natkeep recorded, toward the device of the token.
+            index, address = flow
+            if not 0 <= index < len(self.listeners):
+                raise SIPError("Unknown Flow", 400)
+            destination = (self.listeners[index], address)
+        elif flow is not None or fromDevice:
+            # From a device: to another device of ours, else onward by the
+            # Route set, else to the upstream.
+            if initial and not routes and self._served(uri):
+                binding = self._target(uri)
+                target = binding.uri
+                destination = (binding.listener, binding.source)
+                recordFlow = self.tokens.encode(self.listeners.index(binding.listener), source)
+            else:
+                destination = self._nextHop(routes)
+                recordFlow = self.tokens.encode(self.listeners.index(arrived), source)
+        elif self._isPeer(source):
+            if routes:
+                destination = self._nextHop(routes)
+            elif initial and self._served(uri):
+                binding = self._target(uri)
+                target = binding.uri
+                destination = (binding.listener, binding.source)
+                recordFlow = self.tokens.encode(
+                    self.listeners.index(binding.listener), binding.source
+                )
+            else:
+                raise SIPError("Not Found", 404)
+        else:
+            self.stats["relay.refused"] += 1
+            raise SIPError("Forbidden", 403)
+
+        out, address = destination
+        inIndex = self.listeners.index(arrived)
+        # Symmetric responses (RFC 3581), whether or not rport was asked.
+        top = via.render(("received", "rport"), f";received={source[0]};rport={source[1]}")
+        branch = f"{BRANCH_PREFIX}{self._branchHash(top, inIndex)}.{loopKey}"
+        forwarded = dict(headers)
+        forwarded["via"] = [f"SIP/2.0/UDP {out.sentBy};branch={branch};nki={inIndex}", top] + vias[
+            1:
+        ]
+        forwarded["max-forwards"] = [str(forwards - 1)]
+        if routes:
+            forwarded["route"] = routes
+        else:
+            forwarded.pop("route", None)
+        if initial and method not in _NO_RECORD_ROUTE:
+            user = f"{recordFlow}@" if recordFlow else ""
+            recorded = f"<sip:{user}{out.sentBy};lr>"
+            forwarded["record-route"] = [recorded] + headers.get("record-route", [])
+        data = renderMessage(f"{method} {target} SIP/2.0", forwarded, request.body)
+        self.stats["relay.requests"] += 1
+        self.outbox.send(out, data, address)
+
+    def _target(self, uri: URI) -> Binding:
+        """
+        The binding a request for C{uri} goes to: the highest q, then the
+        most recently refreshed.
+
+        @raise SIPError: 404 when the AOR has no binding, 480 when none is
+            alive.
+        """
+        bindings = self.table.lookup(uri.addressOfRecord())
+        if not bindings:
+            raise SIPError("Not Found", 404)
+        now = self.clock.seconds()
+        alive = [b for b in bindings if b.expiresAt > now]
+        if not alive:
+            raise SIPError("Temporarily Unavailable", 480)
+        return max(alive, key=lambda b: (_quality(b.params), b.expiresAt))
+
+    def _nextHop(self, routes: list[str]) -> tuple[IListener, tuple[str, int]]:
+        """
+        Where a request goes onward: the first Route when it names an
+        address (a hop the upstream recorded), else the upstream.
+        """
+        address: Optional[tuple[str, int]] = None
+        if routes:
+            uri = parseURI(parseNameAddr(routes[0]).uri)
+            if _isAddress(uri.host):
+                address = (uri.host, uri.port or 5060)
+        if address is None:
+            if self.upstream is None:
+                raise SIPError("No Route To Destination", 503)
+            address = self.upstream
+        return self._listenerFor(address[0], self.listeners[0])[1], address
+
+    def _loopKey(self, request: Request) -> str:
+        """
+        A digest of what stays the same when a request comes back around a
+        loop (RFC 3261 §16.6 step 8): Request-URI, Call-ID, CSeq number and
+        From.  Not the CSeq method: a CANCEL (and the ACK of an error) must
+        carry its INVITE's branch.
+        """
+        headers = request.headers
+        number = headers["cseq"][0].split(None, 1)[0]
+        text = "|".join((request.uri, headers["call-id"][0], number, headers["from"][0]))
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+
+    def _branchHash(self, previous: str, listener: int) -> str:
+        mac = hmac.new(self.secret, f"{listener}|{previous}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:16]
+
+    # Responses
+
+    def responseReceived(self, response: Response, source: tuple[str, int]) -> bool:
+        """
+        A response arrived: when it answers a request natkeep relayed, pop
+        natkeep's Via and send it on to the next.
+
+        @return: whether it was one.
+        """
+        vias = splitValues(response.headers.get("via", []))
+        if len(vias) < 2 or BRANCH_PREFIX not in vias[0]:
+            return False
+        try:
+            ours = parseVia(vias[0])
+            branch = ours.param("branch") or ""
+            index = int(ours.param("nki") or "-1")
+            digest = branch[len(BRANCH_PREFIX) :].partition(".")[0]
+            if not (0 <= index < len(self.listeners)) or not hmac.compare_digest(
+                digest, self._branchHash(vias[1], index)
+            ):
+                self.stats["relay.responses.unknown"] += 1
+                return True
+            nextVia = parseVia(vias[1])
+        except (SIPError, ValueError):
+            self.stats["relay.responses.unknown"] += 1
+            return True
+        host = nextVia.param("received") or nextVia.host
+        rport = nextVia.param("rport")
+        port = int(rport) if rport and rport.isdigit() else (nextVia.port or 5060)
+        headers = dict(response.headers)
+        headers["via"] = vias[1:]
+        data = renderMessage(f"SIP/2.0 {response.code} {response.reason}", headers, response.body)
+        self.stats["relay.responses"] += 1
+        self.outbox.send(self.listeners[index], data, (host, port))
+        return True
+
+
+def _toTag(request: Request) -> Optional[str]:
+    try:
+        return parseNameAddr(request.headers["to"][0]).param("tag")
+    except SIPError:
+        return None
+
+
+def _quality(params: str) -> float:
+    for part in params.split(";"):
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0

@@ -1,0 +1,510 @@
+"""
+Tests for L{natkeep.relay}: every routing rule of the stateless proxy, on
+in-memory sockets.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from natkeep.bindings import BindingTable
+from natkeep.config import Settings
+from natkeep.outbox import Outbox
+from natkeep.plugins.natkeep_expiry import CapExpiry
+from natkeep.protocol import SIPProtocol
+from natkeep.registrar import Registrar
+from natkeep.relay import BRANCH_PREFIX, FLOW_PREFIX, FlowTokens, Relay
+from natkeep.sip import Request, Response, parseMessage, parseVia, splitValues
+from natkeep.testing import fakeSocket, register
+
+SERVER = ("198.51.100.10", 5060)
+UPSTREAM = ("203.0.113.50", 5060)
+PHONE = ("192.0.2.77", 40000)
+
+
+def invite(
+    uri: str = "sip:1001@example.com",
+    *,
+    toTag: str = "",
+    route: Optional[str] = None,
+    maxForwards: Optional[str] = "70",
+    via: str = "SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1",
+    method: str = "INVITE",
+    fromUser: str = "caller",
+    extra: str = "",
+    body: bytes = b"v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\n",
+) -> bytes:
+    lines = [
+        f"{method} {uri} SIP/2.0",
+        f"Via: {via}",
+        f"From: <sip:{fromUser}@example.com>;tag=f1",
+        f"To: <sip:1001@example.com>{toTag}",
+        "Call-ID: call-relay-1",
+        f"CSeq: 1 {method}",
+        "Contact: <sip:caller@203.0.113.50:5060>",
+    ]
+    if route is not None:
+        lines.append(f"Route: {route}")
+    if maxForwards is not None:
+        lines.append(f"Max-Forwards: {maxForwards}")
+    head = "\r\n".join(lines) + "\r\n" + extra + "Content-Type: application/sdp\r\n"
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+class RelayTestCase(SynchronousTestCase):
+    """
+    natkeep on two sockets (a public one and a second one), with relaying
+    to an upstream at 203.0.113.50.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.stats: Counter[str] = Counter()
+        self.table = BindingTable()
+        self.outbox = Outbox(self.clock, None, self.stats)
+        self.registrar = Registrar(self.table, self.clock, self.outbox, CapExpiry(3600, 300))
+        self.public, self.publicWire = fakeSocket(
+            self.registrar, self.outbox, self.clock, self.stats, address="198.51.100.10:5060"
+        )
+        self.second, self.secondWire = fakeSocket(
+            self.registrar, self.outbox, self.clock, self.stats, address="198.51.100.11:5060"
+        )
+        self.relay = Relay(
+            self.registrar,
+            self.table,
+            self.clock,
+            self.outbox,
+            [self.public, self.second],
+            self.stats,
+            secret=b"k" * 32,
+        )
+        self.relay.configure(self.settings())
+        for protocol in (self.public, self.second):
+            protocol.controller = self.relay
+            protocol.onResponse = self.relay.responseReceived
+
+    def settings(self, **kw: object) -> Settings:
+        kw.setdefault("upstream", "sip:203.0.113.50:5060")
+        return Settings(**kw)  # type: ignore[arg-type]
+
+    def registerPhone(
+        self,
+        user: str = "1001",
+        source: tuple[str, int] = PHONE,
+        protocol: Optional[SIPProtocol] = None,
+        contact: Optional[str] = None,
+    ) -> None:
+        protocol = protocol or self.public
+        wire = self.publicWire if protocol is self.public else self.secondWire
+        contact = contact or f"<sip:{user}@10.0.0.7:5060>"
+        protocol.datagramReceived(register(user=user, contacts=[contact]), source)
+        data, _ = wire.written.pop()
+        self.assertTrue(data.startswith(b"SIP/2.0 200 OK"), data[:60])
+
+    def send(
+        self, data: bytes, source: tuple[str, int], protocol: Optional[SIPProtocol] = None
+    ) -> list[tuple[bytes, tuple[str, int], str]]:
+        """
+        Hand C{data} to a socket; return what left, on which socket.
+        """
+        (protocol or self.public).datagramReceived(data, source)
+        out = [(d, a, "public") for d, a in self.publicWire.written] + [
+            (d, a, "second") for d, a in self.secondWire.written
+        ]
+        del self.publicWire.written[:]
+        del self.secondWire.written[:]
+        return out
+
+    def forwarded(
+        self, data: bytes, source: tuple[str, int]
+    ) -> tuple[Request, tuple[str, int], str]:
+        [(out, address, socket)] = self.send(data, source)
+        message = parseMessage(out)
+        assert isinstance(message, Request), out[:80]
+        return message, address, socket
+
+    def answered(self, data: bytes, source: tuple[str, int]) -> Response:
+        [(out, address, _)] = self.send(data, source)
+        self.assertEqual(address, source)
+        message = parseMessage(out)
+        assert isinstance(message, Response)
+        return message
+
+
+class InboundTests(RelayTestCase):
+    """
+    Requests from the upstream for a device.
+    """
+
+    def test_toBinding(self) -> None:
+        """
+        An INVITE for a registered AOR leaves from the socket the device
+        registered on, to its public address, with the Request-URI
+        rewritten to its Contact, natkeep's Via on top, received/rport on
+        the previous one, Max-Forwards decremented, a Record-Route naming
+        natkeep with a flow token, and the body untouched.
+        """
+        self.registerPhone(protocol=self.second)
+        body = b"v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\nm=audio 4000 RTP/AVP 0\r\n"
+        request, address, socket = self.forwarded(invite(body=body), UPSTREAM)
+        self.assertEqual((address, socket), (PHONE, "second"))
+        self.assertEqual(request.uri, "sip:1001@10.0.0.7:5060")
+        vias = splitValues(request.headers["via"])
+        ours = parseVia(vias[0])
+        self.assertEqual(ours.sentBy, "198.51.100.11:5060")
+        self.assertTrue((ours.param("branch") or "").startswith(BRANCH_PREFIX))
+        self.assertEqual(
+            vias[1],
+            "SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1;received=203.0.113.50;rport=5060",
+        )
+        self.assertEqual(request.headers["max-forwards"], ["69"])
+        [recorded] = request.headers["record-route"]
+        self.assertTrue(recorded.startswith(f"<sip:{FLOW_PREFIX}"), recorded)
+        self.assertTrue(recorded.endswith("@198.51.100.11:5060;lr>"), recorded)
+        self.assertEqual(request.body, body)
+        self.assertEqual(self.stats["relay.requests"], 1)
+
+    def test_missingMaxForwardsAdded(self) -> None:
+        """
+        A request without Max-Forwards leaves with 69 (70, less this hop).
+        """
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(maxForwards=None), UPSTREAM)
+        self.assertEqual(request.headers["max-forwards"], ["69"])
+
+    def test_unknownAOR(self) -> None:
+        """
+        An AOR with no binding is 404; with only an expired one, 480.
+        """
+        self.assertEqual(self.answered(invite(), UPSTREAM).code, 404)
+        self.registerPhone()
+        [binding] = self.table.lookup("sip:1001@example.com")
+        binding.expiresAt = self.clock.seconds() - 1
+        response = self.answered(invite(), UPSTREAM)
+        self.assertEqual((response.code, response.reason), (480, "Temporarily Unavailable"))
+
+    def test_bestBinding(self) -> None:
+        """
+        Of several bindings, the highest q wins, then the most recent.
+        """
+        self.registerPhone(contact="<sip:1001@10.0.0.7:5060>;q=0.5")
+        self.clock.advance(10)
+        self.registerPhone(source=("192.0.2.78", 1), contact="<sip:1001@10.0.0.8:5060>;q=0.9")
+        self.clock.advance(10)
+        self.registerPhone(source=("192.0.2.79", 1), contact="<sip:1001@10.0.0.9:5060>;q=0.9")
+        _, address, _ = self.forwarded(invite(), UPSTREAM)
+        self.assertEqual(address, ("192.0.2.79", 1))
+
+    def test_maxForwards(self) -> None:
+        """
+        Max-Forwards 0 is 483; a value that is not a number, 400.
+        """
+        self.registerPhone()
+        self.assertEqual(self.answered(invite(maxForwards="0"), UPSTREAM).code, 483)
+        response = self.answered(invite(maxForwards="lots"), UPSTREAM)
+        self.assertEqual((response.code, response.reason), (400, "Invalid Max-Forwards"))
+
+    def test_loop(self) -> None:
+        """
+        A request that comes back carrying natkeep's Via for the same
+        Request-URI, Call-ID, CSeq and From is 482.
+        """
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(uri="sip:1001@example.com"), UPSTREAM)
+        ours = splitValues(request.headers["via"])[0]
+        looped = invite(via=f"{ours}\r\nVia: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1")
+        self.assertEqual(self.answered(looped, UPSTREAM).code, 482)
+
+    def test_strangerRefused(self) -> None:
+        """
+        A request from a source that is no device, not the upstream and not
+        trusted is 403 and relays nothing; a trusted network is let in.
+        """
+        self.registerPhone()
+        stranger = ("198.18.5.5", 5060)
+        response = self.answered(invite(), stranger)
+        self.assertEqual(response.code, 403)
+        self.assertEqual(self.stats["relay.refused"], 1)
+        self.relay.configure(self.settings(trusted=("198.18.0.0/15",)))
+        _, address, _ = self.forwarded(invite(), stranger)
+        self.assertEqual(address, PHONE)
+
+    def test_cancelFollowsInvite(self) -> None:
+        """
+        A CANCEL goes where its INVITE went, with the same branch (a
+        stateless proxy's branch depends on the previous hop's), and gets
+        no Record-Route.
+        """
+        self.registerPhone()
+        first, _, _ = self.forwarded(invite(), UPSTREAM)
+        cancel, address, _ = self.forwarded(invite(method="CANCEL", body=b""), UPSTREAM)
+        self.assertEqual(address, PHONE)
+        self.assertEqual(
+            parseVia(splitValues(cancel.headers["via"])[0]).param("branch"),
+            parseVia(splitValues(first.headers["via"])[0]).param("branch"),
+        )
+        self.assertNotIn("record-route", cancel.headers)
+
+
+class DialogTests(RelayTestCase):
+    """
+    In-dialog requests along natkeep's Record-Route.
+    """
+
+    def recorded(self) -> str:
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(), UPSTREAM)
+        return request.headers["record-route"][0]
+
+    def test_towardDevice(self) -> None:
+        """
+        A BYE from the upstream with natkeep's Route goes to the device of
+        the flow token (whatever the Request-URI's host), with the Route
+        removed and no Record-Route.
+        """
+        route = self.recorded()
+        bye = invite(
+            uri="sip:1001@10.0.0.7:5060", toTag=";tag=p1", route=route, method="BYE", body=b""
+        )
+        request, address, socket = self.forwarded(bye, UPSTREAM)
+        self.assertEqual((address, socket), (PHONE, "public"))
+        self.assertNotIn("route", request.headers)
+        self.assertNotIn("record-route", request.headers)
+        self.assertEqual(request.uri, "sip:1001@10.0.0.7:5060")
+
+    def test_fromDevice(self) -> None:
+        """
+        A BYE from the device along the same route goes to the upstream,
+        even when its Request-URI names some other address.
+        """
+        route = self.recorded()
+        bye = invite(
+            uri="sip:caller@198.18.9.9:5060",
+            toTag=";tag=p1",
+            route=route,
+            method="BYE",
+            via="SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-ph",
+            fromUser="1001",
+            body=b"",
+        )
+        request, address, _ = self.forwarded(bye, PHONE)
+        self.assertEqual(address, UPSTREAM)
+        self.assertEqual(request.uri, "sip:caller@198.18.9.9:5060")
+
+    def test_forgedToken(self) -> None:
+        """
+        A Route token this run did not sign is no flow: from a stranger the
+        request is refused, nothing is sent to the address it names.
+        """
+        forged = FlowTokens(b"x" * 32).encode(0, ("198.18.66.66", 9))
+        bye = invite(
+            uri="sip:v@198.18.66.66:9",
+            toTag=";tag=p1",
+            route=f"<sip:{forged}@198.51.100.10:5060;lr>",
+            method="BYE",
+            body=b"",
+        )
+        response = self.answered(bye, ("198.18.7.7", 5060))
+        self.assertEqual(response.code, 403)
+
+    def test_tokenRoundTrip(self) -> None:
+        """
+        A token decodes to the listener and address it was made from, for
+        IPv4 and IPv6; a changed one decodes to nothing.
+        """
+        tokens = FlowTokens(b"s" * 32)
+        for address in (("192.0.2.1", 5060), ("2001:db8::5", 40000)):
+            token = tokens.encode(1, address)
+            self.assertEqual(tokens.decode(token), (1, address))
+            self.assertIsNone(tokens.decode(token[:-2] + "AA"))
+        self.assertIsNone(tokens.decode("nkf-!!!"))
+        self.assertIsNone(tokens.decode("other"))
+
+
+class OutboundTests(RelayTestCase):
+    """
+    Requests from registered devices.
+    """
+
+    def test_toUpstream(self) -> None:
+        """
+        An INVITE from a registered device for another domain goes to the
+        upstream, Record-Routed with the device's own flow.
+        """
+        self.registerPhone()
+        request, address, _ = self.forwarded(
+            invite(uri="sip:2000@pstn.example", fromUser="1001"), PHONE
+        )
+        self.assertEqual(address, UPSTREAM)
+        token = request.headers["record-route"][0][len("<sip:") :].partition("@")[0]
+        self.assertEqual(self.relay.tokens.decode(token), (0, PHONE))
+
+    def test_deviceToDevice(self) -> None:
+        """
+        A device calling another local AOR reaches it directly.
+        """
+        self.registerPhone("1001")
+        other = ("192.0.2.88", 5062)
+        self.registerPhone("1002", source=other)
+        request, address, _ = self.forwarded(
+            invite(uri="sip:1002@example.com", fromUser="1001"), PHONE
+        )
+        self.assertEqual(address, other)
+        self.assertEqual(request.uri, "sip:1002@10.0.0.7:5060")
+
+
+class ResponseTests(RelayTestCase):
+    """
+    Responses back along the Vias.
+    """
+
+    def response(
+        self, request: Request, code: int = 180, vias: Optional[list[str]] = None
+    ) -> bytes:
+        lines = [f"SIP/2.0 {code} Ringing"]
+        lines += [f"Via: {v}" for v in (vias or splitValues(request.headers["via"]))]
+        for name in ("From", "To", "Call-ID", "CSeq"):
+            lines.append(f"{name}: {request.headers[name.lower()][0]}")
+        return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+
+    def test_back(self) -> None:
+        """
+        The device's answer loses natkeep's Via and goes to the previous
+        hop's received/rport, from the socket the request arrived on.
+        """
+        self.registerPhone(protocol=self.second)
+        request, _, _ = self.forwarded(invite(), UPSTREAM)
+        out = self.send(self.response(request), PHONE, self.second)
+        [(data, address, socket)] = out
+        self.assertEqual((address, socket), (UPSTREAM, "public"))
+        response = parseMessage(data)
+        assert isinstance(response, Response)
+        self.assertEqual(
+            splitValues(response.headers["via"]),
+            ["SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1;received=203.0.113.50;rport=5060"],
+        )
+        self.assertEqual(self.stats["relay.responses"], 1)
+
+    def test_forgedViaDropped(self) -> None:
+        """
+        A response whose natkeep Via natkeep did not write (its branch hash
+        fails) is dropped: natkeep is no reflector for made-up responses.
+        """
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(), UPSTREAM)
+        vias = splitValues(request.headers["via"])
+        vias[1] = "SIP/2.0/UDP 198.18.66.66:9;branch=z9hG4bK-victim"
+        self.assertEqual(self.send(self.response(request, vias=vias), PHONE), [])
+        self.assertEqual(self.stats["relay.responses.unknown"], 1)
+
+    def test_notOurs(self) -> None:
+        """
+        A response without natkeep's relay Via is not the relay's (a
+        heartbeat's answer): it says so.
+        """
+        response = parseMessage(
+            b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 198.51.100.10:5060;branch=z9hG4bKab.1\r\n"
+            b"From: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+        assert isinstance(response, Response)
+        self.assertFalse(self.relay.responseReceived(response, PHONE))
+
+
+class ForNatkeepTests(RelayTestCase):
+    """
+    What stays with the registrar.
+    """
+
+    def test_optionsToServer(self) -> None:
+        """
+        An OPTIONS for natkeep's own address (no user part) is answered by
+        the registrar, not relayed.
+        """
+        options = invite(uri="sip:198.51.100.10:5060", method="OPTIONS", body=b"")
+        self.assertEqual(self.answered(options, UPSTREAM).code, 200)
+
+    def test_relayOff(self) -> None:
+        """
+        Without an upstream nothing is relayed: an INVITE is 405, as
+        before.
+        """
+        self.relay.configure(Settings())
+        self.registerPhone()
+        self.assertEqual(self.answered(invite(), UPSTREAM).code, 405)
+
+    def test_foreignDomainRegister(self) -> None:
+        """
+        With C{domains} set, a REGISTER for another domain is 403; one for
+        a served domain is registered.
+        """
+        self.relay.configure(self.settings(domains=frozenset({"example.com"})))
+        response = self.answered(register(user="1", domain="elsewhere.example"), PHONE)
+        self.assertEqual((response.code, response.reason), (403, "Domain Not Served"))
+        self.registerPhone()
+
+
+class FuzzTests(RelayTestCase):
+    """
+    Relayed requests built from hostile pieces never raise out of the
+    socket, and nothing that failed a check is relayed.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        uri=st.sampled_from(
+            [
+                "sip:1001@example.com",
+                "sip:1001@10.0.0.7",
+                "sip:@",
+                "sip:x@[::1",
+                "sip:198.51.100.10",
+            ]
+        ),
+        route=st.one_of(
+            st.none(),
+            st.text(max_size=60),
+            st.sampled_from(["<sip:nkf-AAAA@198.51.100.10:5060;lr>", "<sip:198.51.100.10;lr>"]),
+        ),
+        forwards=st.one_of(st.none(), st.text(max_size=5), st.integers(-3, 300).map(str)),
+        toTag=st.sampled_from(["", ";tag=1", ";tag="]),
+        source=st.sampled_from([UPSTREAM, PHONE, ("198.18.1.1", 1)]),
+        method=st.sampled_from(["INVITE", "BYE", "ACK", "CANCEL", "MESSAGE", "OPTIONS"]),
+    )
+    def test_hostile(
+        self,
+        uri: str,
+        route: Optional[str],
+        forwards: Optional[str],
+        toTag: str,
+        source: tuple[str, int],
+        method: str,
+    ) -> None:
+        if not self.table.lookup("sip:1001@example.com"):
+            self.registerPhone()
+        try:
+            data = invite(
+                uri=uri,
+                route=route.replace("\r", "").replace("\n", "") if route else route,
+                maxForwards=forwards.replace("\r", "").replace("\n", "") if forwards else forwards,
+                toTag=toTag,
+                method=method,
+                body=b"",
+            )
+        except UnicodeEncodeError:
+            return
+        for out, address, _ in self.send(data, source):
+            if address == source:
+                continue
+            message = parseMessage(out)
+            assert isinstance(message, Request)
+            self.assertGreaterEqual(int(message.headers["max-forwards"][0]), 0)
+            self.assertIn(address, (PHONE, UPSTREAM))
+        self.assertEqual(self.stats["internal.errors"], 0)
