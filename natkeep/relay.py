@@ -278,10 +278,10 @@ class Relay:
             # For natkeep itself: OPTIONS pings, and 405 for the rest.
             self.registrar.requestReceived(request, via, cseq, source, listener)
             return
-        self._relay(request, via, source, listener)
+        self._relay(request, via, cseq, source, listener)
 
     def _relay(
-        self, request: Request, via: Via, source: tuple[str, int], arrived: IListener
+        self, request: Request, via: Via, cseq: int, source: tuple[str, int], arrived: IListener
     ) -> None:
         headers = request.headers
         method = request.method
@@ -357,6 +357,11 @@ class Relay:
                 )
             else:
                 raise SIPError("Not Found", 404)
+        elif method == "OPTIONS" and not routes:
+            # A stranger's OPTIONS is a probe or a keep-alive: natkeep
+            # answers it itself, and relays nothing.
+            self.registrar.requestReceived(request, via, cseq, source, arrived)
+            return
         else:
             self.stats["relay.refused"] += 1
             raise SIPError("Forbidden", 403)

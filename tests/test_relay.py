@@ -431,6 +431,16 @@ class ForNatkeepTests(RelayTestCase):
         options = invite(uri="sip:198.51.100.10:5060", method="OPTIONS", body=b"")
         self.assertEqual(self.answered(options, UPSTREAM).code, 200)
 
+    def test_strangersOptions(self) -> None:
+        """
+        An OPTIONS from a stranger, for any URI, is answered by natkeep
+        itself (a monitoring probe), and nothing is relayed.
+        """
+        self.registerPhone()
+        options = invite(method="OPTIONS", body=b"")
+        self.assertEqual(self.answered(options, ("198.18.3.3", 5060)).code, 200)
+        self.assertEqual(self.stats["relay.requests"], 0)
+
     def test_relayOff(self) -> None:
         """
         Without an upstream nothing is relayed: an INVITE is 405, as
