@@ -30,12 +30,17 @@ NAT_TIMEOUT = 12
 SILENCE = 3 * NAT_TIMEOUT + 3
 
 
-def scenario(folder: FilePath, name: str, phoneHangsUp: bool) -> str:
+def scenario(
+    folder: FilePath, name: str, phoneHangsUp: bool, caller: str = "caller@192.0.2.99"
+) -> str:
     """
-    One of the relay scenarios, with the choice of who hangs up made.
+    One of the relay scenarios, with the choice of who hangs up made and
+    the caller's identity (C{user@domain}) filled in.
     """
     with open(os.path.join(SIPP_FOLDER, name), encoding="utf-8") as f:
         text = f.read()
+    user, _, domain = caller.partition("@")
+    text = text.replace("CALLER_USER", user).replace("CALLER_DOMAIN", domain)
     text = text.replace(
         '<nop condexec="hangup" next="hangUp" />', ('<nop next="hangUp" />' if phoneHangsUp else "")
     )
@@ -43,13 +48,18 @@ def scenario(folder: FilePath, name: str, phoneHangsUp: bool) -> str:
         '<nop condexec="phoneHangsUp" next="waitBye" />',
         ('<nop next="waitBye" />' if phoneHangsUp else ""),
     )
-    path = folder.child(f"{'phone-bye' if phoneHangsUp else 'caller-bye'}-{name}")
+    path = folder.child(f"{'phone-bye' if phoneHangsUp else 'caller-bye'}-{user}-{name}")
     path.setContent(text.encode("utf-8"))
     return path.path
 
 
 def sippCommand(
-    scenarioPath: str, host: str, port: int, target: str, netns: Optional[str] = None
+    scenarioPath: str,
+    host: str,
+    port: int,
+    target: str,
+    netns: Optional[str] = None,
+    service: str = "1001",
 ) -> list[str]:
     command = [
         "sipp",
@@ -62,7 +72,7 @@ def sippCommand(
         "-m",
         "1",
         "-s",
-        "1001",
+        service,
         "-nostdin",
         "-timeout",
         "30s",
@@ -81,13 +91,22 @@ def placeCall(
     natkeep: str,
     phoneNetns: Optional[str] = None,
     callerNetns: Optional[str] = None,
+    callee: str = "1001",
+    caller_: str = "caller@192.0.2.99",
+    callerTarget: Optional[str] = None,
 ) -> None:
     """
     Run the phone's sipp, then the caller's, both toward natkeep; assert
     both saw a whole call.
     """
     phoneRun = subprocess.Popen(
-        sippCommand(scenario(folder, "phone.xml", phoneHangsUp), *phone, natkeep, phoneNetns),
+        sippCommand(
+            scenario(folder, "phone.xml", phoneHangsUp),
+            *phone,
+            natkeep,
+            phoneNetns,
+            callee,
+        ),
         cwd=folder.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -95,10 +114,16 @@ def placeCall(
         text=True,
     )
     try:
-        time.sleep(0.5)
+        # The phone's sipp binds its port before the caller dials (the
+        # caller's INVITE is retransmitted anyway).
+        time.sleep(1.0)
         callerRun = subprocess.run(
             sippCommand(
-                scenario(folder, "caller.xml", phoneHangsUp), *caller, natkeep, callerNetns
+                scenario(folder, "caller.xml", phoneHangsUp, caller_),
+                *caller,
+                callerTarget or natkeep,
+                callerNetns,
+                callee,
             ),
             cwd=folder.path,
             capture_output=True,
@@ -318,3 +343,198 @@ class NatLabCallTests(SynchronousTestCase):
                     return int(port)
             time.sleep(0.1)
         raise AssertionError(f"the phone never registered:\n{process.log()}")
+
+
+#: A softswitch as Kamailio's own route script says it: calls from natkeep
+#: (devices calling out) go to the far end; calls from anyone else go to
+#: natkeep for a user of example.com.  Stateful, Record-Routing, loose
+#: routing for in-dialog requests.
+KAMAILIO_CONFIG = """#!KAMAILIO
+debug=2
+log_stderror=yes
+children=1
+auto_aliases=no
+listen=udp:{host}:{port}
+mpath="{modules}"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "maxfwd.so"
+loadmodule "siputils.so"
+loadmodule "pv.so"
+loadmodule "xlog.so"
+loadmodule "textops.so"
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK")) {{
+            if (t_check_trans()) {{
+                t_relay();
+            }}
+            exit;
+        }}
+        sl_send_reply("404", "Not here");
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    record_route();
+    if ($si == "{natkeepHost}" && $sp == {natkeepPort}) {{
+        xlog("L_INFO", "call out from natkeep: $ru\\n");
+        $du = "sip:{farHost}:{farPort}";
+    }} else {{
+        xlog("L_INFO", "call in for natkeep: $rU\\n");
+        $ru = "sip:" + $rU + "@example.com";
+        $du = "sip:{natkeepHost}:{natkeepPort}";
+    }}
+    t_relay();
+    exit;
+}}
+"""
+
+KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+
+
+class KamailioUpstreamTests(SynchronousTestCase):
+    """
+    Kamailio from Debian's packages as natkeep's upstream softswitch.
+    """
+
+    def setUp(self) -> None:
+        if not haveSipp():
+            raise SkipTest("sipp is not installed (Debian's sip-tester; .ci/run installs it)")
+        if not (os.path.exists("/usr/sbin/kamailio") and os.path.isdir(KAMAILIO_MODULES)):
+            raise SkipTest("kamailio is not installed (Debian's kamailio; .ci/run installs it)")
+        self.cwd = FilePath(self.mktemp())
+        self.cwd.makedirs()
+
+    def startKamailio(self, natkeepPort: int, port: int, farPort: int) -> subprocess.Popen[str]:
+        config = self.cwd.child("kamailio.cfg")
+        config.setContent(
+            KAMAILIO_CONFIG.format(
+                host="127.0.0.4",
+                port=port,
+                modules=KAMAILIO_MODULES,
+                natkeepHost="127.0.0.1",
+                natkeepPort=natkeepPort,
+                farHost="127.0.0.5",
+                farPort=farPort,
+            ).encode("utf-8")
+        )
+        runtime = self.cwd.child("run")
+        runtime.makedirs()
+        log = open(self.cwd.child("kamailio.log").path, "w")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            ["/usr/sbin/kamailio", "-DD", "-E", "-f", config.path, "-Y", runtime.path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+        self.addCleanup(stop)
+        # Ready when it answers an OPTIONS (404 or any answer will do).
+        deadline = time.monotonic() + 20
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.6", 0))
+            probe.settimeout(0.2)
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise AssertionError(self.cwd.child("kamailio.log").getContent().decode())
+                probe.sendto(
+                    b"OPTIONS sip:127.0.0.4 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.6:9;rport;branch=z9hG4bKk"
+                    b"\r\nFrom: <sip:p@x>;tag=1\r\nTo: <sip:127.0.0.4>;tag=2\r\nCall-ID: k\r\n"
+                    b"CSeq: 1 OPTIONS\r\nMax-Forwards: 5\r\nContent-Length: 0\r\n\r\n",
+                    ("127.0.0.4", port),
+                )
+                try:
+                    if probe.recv(4096).startswith(b"SIP/2.0"):
+                        return process
+                except OSError:
+                    continue
+        raise AssertionError("kamailio did not answer")
+
+    def test_callsBothWays(self) -> None:
+        """
+        A call from the far end through Kamailio and natkeep reaches the
+        registered phone, and a call from the phone through natkeep and
+        Kamailio reaches the far end; both complete with ACK and BYE.
+        """
+        port = freePort()
+        kamailioPort = freePort(host="127.0.0.4")
+        farPort = freePort(host="127.0.0.5")
+        process = NatkeepProcess(
+            [
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                f"sip:127.0.0.4:{kamailioPort}",
+                "--db",
+                "natkeep.sqlite",
+                "--period",
+                "60",
+            ],
+            self.cwd.path,
+        )
+        self.addCleanup(process.stop)
+        process.waitReady("127.0.0.1", port)
+        self.startKamailio(port, kamailioPort, farPort)
+        phonePort = freePort(host="127.0.0.2")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+            phone.bind(("127.0.0.2", phonePort))
+            phone.settimeout(5)
+            phone.sendto(
+                register(user="1001", contacts=[f"<sip:1001@127.0.0.2:{phonePort}>"]),
+                ("127.0.0.1", port),
+            )
+            self.assertTrue(phone.recv(4096).startswith(b"SIP/2.0 200 OK"))
+        kamailio = f"127.0.0.4:{kamailioPort}"
+        # In: the far end calls 1001 at the softswitch.
+        placeCall(
+            self,
+            self.cwd,
+            False,
+            ("127.0.0.2", phonePort),
+            ("127.0.0.5", farPort),
+            f"127.0.0.1:{port}",
+            caller_="far@127.0.0.5",
+            callerTarget=kamailio,
+        )
+        # Out: the phone calls 2000, which the softswitch sends to the far end.
+        placeCall(
+            self,
+            self.cwd,
+            True,
+            ("127.0.0.5", farPort),
+            ("127.0.0.2", phonePort),
+            kamailio,
+            callee="2000",
+            caller_="1001@example.com",
+            callerTarget=f"127.0.0.1:{port}",
+        )
+        kamailioLog = self.cwd.child("kamailio.log").getContent().decode("utf-8", "replace")
+        self.assertIn("call in for natkeep: 1001", kamailioLog)
+        self.assertIn("call out from natkeep: sip:2000@example.com", kamailioLog)
+        self.assertNotIn("Traceback", process.log())
