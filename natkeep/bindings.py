@@ -43,6 +43,13 @@ class IListener(Interface):
         "the host's address for its family."
     )
 
+    def sentByNow() -> str:
+        """
+        What to write as this socket's address in a message made for the
+        datagram being handled now: the local address it arrived on, for a
+        socket bound to a wildcard that learns it; else C{sentBy}.
+        """
+
     def sendto(data: bytes, address: tuple[str, int]) -> object:
         """
         Send one datagram from this socket.

@@ -86,6 +86,12 @@ _NOTHING_LEFT = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 #: Bytes of a turn's read budget one ICMP error counts for.
 _ERROR_COST = 64
 
+#: Linux's options for the local address a datagram arrived on.
+_IP_PKTINFO = 8
+_IPV6_RECVPKTINFO = 49
+_IPV6_PKTINFO = 50
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)
+
 
 class ListeningPort(udp.Port):
     """
@@ -108,19 +114,55 @@ class ListeningPort(udp.Port):
     reportsErrors = False
     _drainCall: Optional[IDelayedCall] = None
 
+    #: Whether to learn the local address each datagram arrived on
+    #: (C{IP_PKTINFO}); set before listening.  It costs about a microsecond
+    #: a datagram, so only a wildcard socket that relays asks for it.
+    recordLocal = False
+
+    #: The local address the datagram being handled arrived on, when
+    #: C{recordLocal} is on and the socket is bound to a wildcard.
+    localAddress: Optional[str] = None
+
+    _pktinfo = False
+
     def _bindSocket(self) -> None:
         super()._bindSocket()  # type: ignore[no-untyped-call]
         self.reportsErrors = icmp.enableErrors(self.socket)
+        if self.recordLocal and self.interface in ("", "0.0.0.0", "::"):
+            try:
+                if self.addressFamily == socket.AF_INET6:
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+                else:
+                    self.socket.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+                self._pktinfo = True
+            except OSError:
+                self._pktinfo = False
+
+    def _receive(self, sock: socket.socket, size: int) -> tuple[bytes, Any]:
+        """
+        One datagram, noting the local address it arrived on.
+        """
+        data, ancillary, _, addr = sock.recvmsg(size, _PKTINFO_SPACE)
+        for level, kind, info in ancillary:
+            if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(info) >= 12:
+                self.localAddress = socket.inet_ntop(socket.AF_INET, info[8:12])
+            elif level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(info) >= 16:
+                self.localAddress = socket.inet_ntop(socket.AF_INET6, info[:16])
+        return data, addr
 
     def doRead(self) -> None:
         sock = self.socket
         size = self.maxPacketSize
         protocol = self.protocol
         six = self.addressFamily == socket.AF_INET6
+        pktinfo = self._pktinfo
         read = 0
         while read < self.maxThroughput:
             try:
-                data, addr = sock.recvfrom(size)
+                if pktinfo:
+                    data, addr = self._receive(sock, size)
+                else:
+                    data, addr = sock.recvfrom(size)
             except OSError as e:
                 if e.errno in _NOTHING_LEFT:
                     return
@@ -308,6 +350,11 @@ class SIPProtocol(DatagramProtocol):
     ) -> None:
         self.address = address
         self.sentBy = sentByFor(address, advertise)
+        self._wildcard = advertise is None and address.rpartition(":")[0].strip("[]") in (
+            "",
+            "0.0.0.0",
+            "::",
+        )
         self.controller = controller
         self.outbox = outbox
         self.clock = clock
@@ -321,6 +368,21 @@ class SIPProtocol(DatagramProtocol):
         self._turnStarted = 0.0
         self._turnCall: Optional[IDelayedCall] = None
         self._resumeCall: Optional[IDelayedCall] = None
+
+    def sentByNow(self) -> str:
+        """
+        What to write as this socket's address in a message made for the
+        datagram being handled: on a wildcard socket without C{advertise},
+        the local address that datagram arrived on, when the port learns it;
+        else L{sentBy}.
+        """
+        if not self._wildcard:
+            return self.sentBy
+        local = getattr(self.transport, "localAddress", None)
+        if local is None:
+            return self.sentBy
+        port = self.address.rpartition(":")[2]
+        return f"[{local}]:{port}" if ":" in local else f"{local}:{port}"
 
     def configure(self, settings: Settings) -> None:
         """

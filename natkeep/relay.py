@@ -71,6 +71,10 @@ FLOW_PREFIX = "nkf-"
 #: The Max-Forwards a request without one is given (RFC 3261 §16.6 step 3).
 MAX_FORWARDS = 70
 
+#: The most addresses natkeep counts as its own (its sockets' bound,
+#: advertised and learnt local addresses).
+_MAX_OWN = 256
+
 #: Methods that get no Record-Route: they create no dialog.
 _NO_RECORD_ROUTE = frozenset({"ACK", "CANCEL", "REGISTER"})
 
@@ -208,6 +212,16 @@ class Relay:
         )
 
     # Who is who
+
+    def _remember(self, sentBy: str) -> None:
+        """
+        Count C{sentBy} among natkeep's own addresses (a wildcard socket's
+        local addresses are learnt as datagrams arrive on them).
+        """
+        host, port = splitHostPort(sentBy)
+        key = (host.lower(), port or 5060)
+        if key not in self._own and len(self._own) < _MAX_OWN:
+            self._own.add(key)
 
     def _ours(self, uri: URI) -> bool:
         return (uri.host.lower(), uri.port or 5060) in self._own
@@ -368,13 +382,13 @@ class Relay:
 
         out, address = destination
         inIndex = self.listeners.index(arrived)
+        sentBy = out.sentByNow() if out is arrived else out.sentBy
+        self._remember(sentBy)
         # Symmetric responses (RFC 3581), whether or not rport was asked.
         top = via.render(("received", "rport"), f";received={source[0]};rport={source[1]}")
         branch = f"{BRANCH_PREFIX}{self._branchHash(top, inIndex)}.{loopKey}"
         forwarded = dict(headers)
-        forwarded["via"] = [f"SIP/2.0/UDP {out.sentBy};branch={branch};nki={inIndex}", top] + vias[
-            1:
-        ]
+        forwarded["via"] = [f"SIP/2.0/UDP {sentBy};branch={branch};nki={inIndex}", top] + vias[1:]
         forwarded["max-forwards"] = [str(forwards - 1)]
         if routes:
             forwarded["route"] = routes
@@ -382,7 +396,7 @@ class Relay:
             forwarded.pop("route", None)
         if initial and method not in _NO_RECORD_ROUTE:
             user = f"{recordFlow}@" if recordFlow else ""
-            recorded = f"<sip:{user}{out.sentBy};lr>"
+            recorded = f"<sip:{user}{sentBy};lr>"
             forwarded["record-route"] = [recorded] + headers.get("record-route", [])
         data = renderMessage(f"{method} {target} SIP/2.0", forwarded, request.body)
         self.stats["relay.requests"] += 1

@@ -147,16 +147,18 @@ class ListenerServer(UDPServer):
     when it cannot bind.
     """
 
-    def __init__(self, protocol: SIPProtocol, reactor: Any) -> None:
+    def __init__(self, protocol: SIPProtocol, reactor: Any, recordLocal: bool = False) -> None:
         host, port = parseListenAddress(protocol.address)
         super().__init__(
             port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM, reactor=reactor
         )
         self.address = protocol.address
+        self.recordLocal = recordLocal
 
     def _getPort(self) -> Any:
         port, protocol = self.args
         listening = ListeningPort(port, protocol, reactor=self.reactor, **self.kwargs)
+        listening.recordLocal = self.recordLocal
         try:
             listening.startListening()
             return listening
@@ -303,7 +305,11 @@ class Natkeep:
 
         self.service = MultiService()
         for protocol in self.protocols.values():
-            ListenerServer(protocol, reactor).setServiceParent(self.service)
+            # A relaying wildcard socket writes the address each datagram
+            # arrived on into Via and Record-Route.
+            ListenerServer(protocol, reactor, bool(settings.upstream)).setServiceParent(
+                self.service
+            )
         self.bindings = BindingsService(
             self.store, self.table, self.protocols, self.outbox, reactor
         )

@@ -43,6 +43,9 @@ class FakeListener:
     clock: Optional[IReactorTime] = None
     timeline: list[tuple[float, bytes, tuple[str, int]]] = attrs.field(factory=list)
 
+    def sentByNow(self) -> str:
+        return self.sentBy
+
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
         if self.failures:
             self.failures -= 1
