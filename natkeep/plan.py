@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 from typing import Optional, TextIO
 
-from natkeep.config import Settings
+from natkeep.config import Settings, splitListen
+from natkeep.protocol import sentByFor
 from natkeep.interfaces import IPacer, IPayload
 from natkeep.store import StoreError, storedCount
 from natkeep.strategies import adviceFor, chosenMakers, installedStrategies
@@ -67,6 +68,18 @@ def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
         described = maker.pace(settings, count)
         interval = "depends on the strategy" if described is None else described[1]
         lines.append(f"   {marker} {name:<8} {interval}")
+    lines.append("  sockets (written into messages as):")
+    for entry in settings.listen:
+        address, advertise = splitListen(entry)
+        lines.append(f"    {address:<24} {sentByFor(address, advertise)}")
+    if settings.upstream is None:
+        lines.append("  relay               off (no upstream): registrar only")
+    else:
+        lines.append(f"  relay               stateless proxy to upstream {settings.upstream}")
+        domains = ", ".join(sorted(settings.domains)) or "any (no domains set)"
+        lines.append(f"  domains served      {domains}")
+        trusted = ", ".join(settings.trusted) or "none"
+        lines.append(f"  trusted networks    {trusted}")
     warnings = adviceFor(settings, count)
     for warning in warnings:
         lines.append(f"  warning: {warning}")
