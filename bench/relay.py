@@ -1,0 +1,264 @@
+"""
+Calls relayed per second: sipp UAC -> natkeep -> sipp UAS, and the same
+through Kamailio as a stateless forwarder (forward() in a minimal config),
+each proxy pinned to core 0 while both sipps run on core 1.
+
+A call is INVITE/180/200/ACK/BYE/200: three requests and three responses
+cross the proxy (six messages).  For each rate step it
+prints the calls completed and failed, and the proxy's CPU microseconds per
+relayed message (from /proc).  Loopback only; every step is bounded in
+calls and time.
+
+    python bench/relay.py [--rates 100 200 400 800] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import CLOCK_TICKS, Natkeep, freePort  # noqa: E402
+
+SIPP_FOLDER = os.path.join(os.path.dirname(HERE), "tests", "sipp")
+KAMAILIO = "/usr/sbin/kamailio"
+KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+
+#: Messages a call sends through the proxy: INVITE, 180, 200, ACK, BYE, 200.
+MESSAGES_PER_CALL = 6
+
+PHONE = "127.0.0.2"
+CALLER = "127.0.0.3"
+
+
+def scenario(folder: str, name: str, caller: str = "caller@192.0.2.99") -> str:
+    with open(os.path.join(SIPP_FOLDER, name), encoding="utf-8") as f:
+        text = f.read()
+    user, _, domain = caller.partition("@")
+    text = text.replace("CALLER_USER", user).replace("CALLER_DOMAIN", domain)
+    for nop in (
+        '<nop condexec="hangup" next="hangUp" />',
+        '<nop condexec="phoneHangsUp" next="waitBye" />',
+    ):
+        text = text.replace(nop, "")
+    text = text.replace('<pause milliseconds="300" />', '<pause milliseconds="50" />')
+    path = os.path.join(folder, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def cpuOf(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        except OSError:
+            continue
+    return total
+
+
+def sippCounts(output: str) -> tuple[int, int]:
+    successful = failed = 0
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if cells[0] == "Successful call":
+            successful = int(cells[-1])
+        elif cells[0] == "Failed call":
+            failed = int(cells[-1])
+    return successful, failed
+
+
+def onCore1(command: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", "1"] + command
+    return command
+
+
+def runStep(
+    folder: str,
+    proxy: str,
+    phonePort: int,
+    rate: int,
+    seconds: int,
+    cpu: Callable[[], float],
+) -> dict[str, float]:
+    calls = rate * seconds
+    phone = subprocess.Popen(
+        onCore1(
+            ["sipp", "-sf", scenario(folder, "phone.xml"), "-i", PHONE, "-p", str(phonePort)]
+            + ["-s", "1001", "-nostdin", "-timeout", f"{seconds + 20}s", "-m", str(calls), proxy]
+        ),
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    time.sleep(0.5)
+    before = cpu()
+    started = time.monotonic()
+    caller = subprocess.run(
+        onCore1(
+            ["sipp", "-sf", scenario(folder, "caller.xml"), "-i", CALLER, "-p", str(freePort())]
+            + ["-s", "1001", "-nostdin", "-r", str(rate), "-m", str(calls), "-l", str(rate * 4)]
+            + ["-timeout", f"{seconds + 20}s", proxy]
+        ),
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        stdin=subprocess.DEVNULL,
+    )
+    elapsed = time.monotonic() - started
+    used = cpu() - before
+    try:
+        phone.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        phone.kill()
+        phone.communicate()
+    done, failed = sippCounts(caller.stdout)
+    messages = done * MESSAGES_PER_CALL
+    return {
+        "rate": rate,
+        "calls": done,
+        "failed": failed,
+        "seconds": round(elapsed, 2),
+        "calls_per_s": round(done / elapsed, 1) if elapsed else 0.0,
+        "cpu_s": round(used, 3),
+        "cpu_us_per_message": round(used / messages * 1e6, 2) if messages else 0.0,
+    }
+
+
+def registerPhone(server: tuple[str, int], port: int) -> None:
+    from natkeep.testing import register
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((PHONE, port))
+        s.settimeout(5)
+        s.sendto(register(user="1001", contacts=[f"<sip:1001@{PHONE}:{port}>"]), server)
+        s.recv(4096)
+
+
+KAMAILIO_CONFIG = """#!KAMAILIO
+debug=0
+log_stderror=yes
+children=1
+auto_aliases=no
+listen=udp:127.0.0.1:{port}
+mpath="{modules}"
+request_route {{
+    forward("{phone}", {phonePort});
+}}
+"""
+
+
+def kamailioPids(main: int) -> list[int]:
+    found = [main]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == main:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rates", type=int, nargs="+", default=[100, 200, 400, 800])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--no-kamailio", action="store_true")
+    arguments = parser.parse_args()
+    results: dict[str, list[dict[str, float]]] = {"natkeep": [], "kamailio": []}
+
+    with tempfile.TemporaryDirectory() as folder:
+        port = freePort()
+        callerPort = freePort()
+        phonePort = freePort()
+        natkeep = Natkeep(
+            folder,
+            [
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                f"sip:{CALLER}:{callerPort}",
+                "--db",
+                ":memory:",
+                "--period",
+                "600",
+            ],
+        )
+        try:
+            natkeep.waitLog("Registrar listening", 20)
+            registerPhone(("127.0.0.1", port), phonePort)
+            print("natkeep (stateless relay, one core):")
+            for rate in arguments.rates:
+                step = runStep(
+                    folder,
+                    f"127.0.0.1:{port}",
+                    phonePort,
+                    rate,
+                    arguments.seconds,
+                    natkeep.cpuSeconds,
+                )
+                results["natkeep"].append(step)
+                print(f"  {step}")
+        finally:
+            natkeep.stop()
+
+        kamailio: Optional[subprocess.Popen[bytes]] = None
+        if not arguments.no_kamailio and os.path.exists(KAMAILIO):
+            kport = freePort()
+            config = os.path.join(folder, "kamailio.cfg")
+            with open(config, "w") as f:
+                f.write(
+                    KAMAILIO_CONFIG.format(
+                        port=kport, modules=KAMAILIO_MODULES, phone=PHONE, phonePort=phonePort
+                    )
+                )
+            runtime = os.path.join(folder, "run")
+            os.makedirs(runtime, exist_ok=True)
+            command = [KAMAILIO, "-DD", "-E", "-f", config, "-Y", runtime]
+            if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+                command = ["taskset", "-c", "0"] + command
+            kamailio = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                time.sleep(2)
+                pids = kamailioPids(kamailio.pid)
+                print("kamailio 5.6 (forward(), stateless, children=1, one core):")
+                for rate in arguments.rates:
+                    step = runStep(
+                        folder,
+                        f"127.0.0.1:{kport}",
+                        phonePort,
+                        rate,
+                        arguments.seconds,
+                        lambda: cpuOf(pids),
+                    )
+                    results["kamailio"].append(step)
+                    print(f"  {step}")
+            finally:
+                kamailio.terminate()
+                kamailio.wait(10)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
