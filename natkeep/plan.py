@@ -9,8 +9,8 @@ import time
 from typing import Optional, TextIO
 
 from natkeep.config import Settings, splitListen
-from natkeep.protocol import sentByFor
 from natkeep.interfaces import IPacer, IPayload
+from natkeep.protocol import sentByFor
 from natkeep.store import StoreError, storedCount
 from natkeep.strategies import adviceFor, chosenMakers, installedStrategies
 

@@ -96,13 +96,14 @@ class FlowTokens:
     """
 
     def __init__(self, secret: bytes) -> None:
-        self.secret = secret
+        self.secret = secret[:64]
 
     def _mac(self, data: bytes) -> bytes:
-        return hmac.new(self.secret, data, hashlib.sha256).digest()[:8]
+        return hashlib.blake2b(data, digest_size=8, key=self.secret).digest()
 
     def encode(self, listener: int, address: tuple[str, int]) -> str:
-        packed = struct.pack("!BH", listener, address[1]) + ipaddress.ip_address(address[0]).packed
+        host = address[0]
+        packed = struct.pack("!BH", listener, address[1]) + socket.inet_pton(_family(host), host)
         return FLOW_PREFIX + _b64(packed + self._mac(packed))
 
     def decode(self, token: str) -> Optional[tuple[int, tuple[str, int]]]:
@@ -312,13 +313,17 @@ class Relay:
                 raise SIPError("Too Many Hops", 483)
         vias = splitValues(headers["via"])
         loopKey = self._loopKey(request)
+        mark = "." + loopKey
         for value in vias:
+            if mark not in value or BRANCH_PREFIX not in value:
+                # Not one of ours with this key: no need to parse it.
+                continue
             try:
                 other = parseVia(value)
             except SIPError:
                 continue
             branch = other.param("branch") or ""
-            if branch.startswith(BRANCH_PREFIX) and branch.endswith("." + loopKey):
+            if branch.startswith(BRANCH_PREFIX) and branch.endswith(mark):
                 raise SIPError("Loop Detected", 482)
 
         routes = splitValues(headers.get("route", []))
@@ -445,11 +450,14 @@ class Relay:
         headers = request.headers
         number = headers["cseq"][0].split(None, 1)[0]
         text = "|".join((request.uri, headers["call-id"][0], number, headers["from"][0]))
-        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=5).hexdigest()
 
     def _branchHash(self, previous: str, listener: int) -> str:
-        mac = hmac.new(self.secret, f"{listener}|{previous}".encode(), hashlib.sha256)
-        return mac.hexdigest()[:16]
+        return hashlib.blake2b(
+            f"{listener}|{previous}".encode("utf-8", "surrogateescape"),
+            digest_size=8,
+            key=self.secret[:64],
+        ).hexdigest()
 
     # Responses
 

@@ -782,7 +782,10 @@ def writtenName(name: str) -> str:
     """
     written = _WRITTEN_NAMES.get(name)
     if written is None:
-        written = _WRITTEN_NAMES[name] = "-".join(part.capitalize() for part in name.split("-"))
+        written = "-".join(part.capitalize() for part in name.split("-"))
+        # Remembered within the same bounds as the parser's name cache.
+        if len(_WRITTEN_NAMES) < _CANONICAL_LIMIT and len(name) <= _CANONICAL_NAME_LIMIT:
+            _WRITTEN_NAMES[name] = written
     return written
 
 
@@ -792,11 +795,13 @@ def renderMessage(startLine: str, headers: dict[str, list[str]], body: bytes) ->
     order) and body.  C{Content-Length} is written from the body, whatever
     C{headers} says.
     """
-    lines = [startLine]
+    parts = [startLine, "\r\n"]
+    known = _WRITTEN_NAMES
     for name, values in headers.items():
         if name == "content-length":
             continue
-        written = writtenName(name)
-        lines.extend(f"{written}: {value}" for value in values)
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+        written = known.get(name) or writtenName(name)
+        for value in values:
+            parts += (written, ": ", value, "\r\n")
+    parts.append(f"Content-Length: {len(body)}\r\n\r\n")
+    return "".join(parts).encode("utf-8") + body
