@@ -58,6 +58,18 @@ PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "icmp_unreachable",
         "ICMP errors saying a destination cannot be reached.",
     ),
+    ("relay.requests", "relay_requests", "Requests relayed (to a device or the upstream)."),
+    ("relay.responses", "relay_responses", "Responses relayed back along their Vias."),
+    (
+        "relay.refused",
+        "relay_refused",
+        "Requests refused (403) from sources that are no device, upstream or trusted network.",
+    ),
+    (
+        "relay.responses.unknown",
+        "relay_responses_unknown",
+        "Responses with natkeep's relay Via that natkeep did not cause, dropped.",
+    ),
     ("store.errors", "store_errors", "Failed commits of the binding store."),
     ("send.errors", "send_errors", "SIP responses the kernel refused to send."),
     ("internal.errors", "internal_errors", "Datagrams lost to an unexpected error."),

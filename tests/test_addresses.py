@@ -74,6 +74,37 @@ class SentByTests(SynchronousTestCase):
             self.assertIn("upstream", str(error))
         error = self.assertRaises(ConfigError, buildSettings, {"trusted": "10.0.0.0/33"}, {})
         self.assertIn("trusted", str(error))
+        error = self.assertRaises(ConfigError, buildSettings, {"domains": "a.example, b/c"}, {})
+        self.assertIn("domains", str(error))
+
+    def test_reloadApplies(self) -> None:
+        """
+        SIGHUP's reload gives the relay a new upstream, domains and trusted
+        networks; an upstream that does not resolve is refused and the old
+        one stays.
+        """
+        first = Settings(
+            listen=(f"127.0.0.1:{freePort()}",), db=self.mktemp(), upstream="sip:10.0.0.9"
+        )
+        offered = [
+            Settings(
+                listen=first.listen,
+                db=first.db,
+                upstream="sip:10.0.0.10:5070",
+                domains=frozenset({"a.example"}),
+                trusted=("192.0.2.0/24",),
+            ),
+            Settings(listen=first.listen, db=first.db, upstream="sip:no-such-host.invalid"),
+        ]
+        service = Natkeep(first, ClockedUDPReactor(), reloadSettings=lambda: offered.pop(0))
+        self.addCleanup(service.store.close)
+        self.assertEqual(service.relay.upstream, ("10.0.0.9", 5060))
+        self.assertTrue(service.reload())
+        self.assertEqual(service.relay.upstream, ("10.0.0.10", 5070))
+        self.assertEqual(service.relay.domains, frozenset({"a.example"}))
+        self.assertEqual(len(service.relay.trusted), 1)
+        self.assertFalse(service.reload())
+        self.assertEqual(service.relay.upstream, ("10.0.0.10", 5070))
 
 
 class WireAddressTests(TestCase):
