@@ -77,6 +77,7 @@ def sippCommand(
         "-timeout",
         "30s",
         "-timeout_error",
+        "-trace_err",
         target,
     ]
     return (["ip", "netns", "exec", netns] if netns else []) + command
@@ -136,8 +137,13 @@ def placeCall(
         if phoneRun.poll() is None:
             phoneRun.kill()
             phoneRun.wait()
-    testCase.assertEqual(sippCounts(callerRun.stdout), (1, 0), callerRun.stdout[-2000:])
-    testCase.assertEqual(sippCounts(phoneOutput), (1, 0), phoneOutput[-2000:])
+    errors = "".join(
+        child.getContent().decode("utf-8", "replace")
+        for child in folder.children()
+        if child.basename().endswith("_errors.log")
+    )
+    testCase.assertEqual(sippCounts(callerRun.stdout), (1, 0), errors + callerRun.stdout[-1500:])
+    testCase.assertEqual(sippCounts(phoneOutput), (1, 0), errors + phoneOutput[-1500:])
 
 
 class LoopbackCallTests(SynchronousTestCase):
@@ -159,13 +165,13 @@ class LoopbackCallTests(SynchronousTestCase):
         natkeep, and natkeep counts them.
         """
         port = freePort()
-        callerPort = freePort(host="127.0.0.3")
+        callerPort = freePort(host="127.0.0.13")
         process = NatkeepProcess(
             [
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--upstream",
-                f"sip:127.0.0.3:{callerPort}",
+                f"sip:127.0.0.13:{callerPort}",
                 "--db",
                 "natkeep.sqlite",
                 "--period",
@@ -178,12 +184,12 @@ class LoopbackCallTests(SynchronousTestCase):
         self.addCleanup(process.stop)
         process.waitReady("127.0.0.1", port)
         for phoneHangsUp in (False, True):
-            phonePort = freePort(host="127.0.0.2")
+            phonePort = freePort(host="127.0.0.12")
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
-                phone.bind(("127.0.0.2", phonePort))
+                phone.bind(("127.0.0.12", phonePort))
                 phone.settimeout(5)
                 phone.sendto(
-                    register(user="1001", contacts=[f"<sip:1001@127.0.0.2:{phonePort}>"]),
+                    register(user="1001", contacts=[f"<sip:1001@127.0.0.12:{phonePort}>"]),
                     ("127.0.0.1", port),
                 )
                 self.assertTrue(phone.recv(4096).startswith(b"SIP/2.0 200 OK"))
@@ -191,8 +197,8 @@ class LoopbackCallTests(SynchronousTestCase):
                 self,
                 self.cwd,
                 phoneHangsUp,
-                ("127.0.0.2", phonePort),
-                ("127.0.0.3", callerPort),
+                ("127.0.0.12", phonePort),
+                ("127.0.0.13", callerPort),
                 f"127.0.0.1:{port}",
             )
         log = process.log()
@@ -424,12 +430,12 @@ class KamailioUpstreamTests(SynchronousTestCase):
         config = self.cwd.child("kamailio.cfg")
         config.setContent(
             KAMAILIO_CONFIG.format(
-                host="127.0.0.4",
+                host="127.0.0.24",
                 port=port,
                 modules=KAMAILIO_MODULES,
                 natkeepHost="127.0.0.1",
                 natkeepPort=natkeepPort,
-                farHost="127.0.0.5",
+                farHost="127.0.0.25",
                 farPort=farPort,
             ).encode("utf-8")
         )
@@ -458,16 +464,16 @@ class KamailioUpstreamTests(SynchronousTestCase):
         # Ready when it answers an OPTIONS (404 or any answer will do).
         deadline = time.monotonic() + 20
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.6", 0))
+            probe.bind(("127.0.0.26", 0))
             probe.settimeout(0.2)
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     raise AssertionError(self.cwd.child("kamailio.log").getContent().decode())
                 probe.sendto(
-                    b"OPTIONS sip:127.0.0.4 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.6:9;rport;branch=z9hG4bKk"
-                    b"\r\nFrom: <sip:p@x>;tag=1\r\nTo: <sip:127.0.0.4>;tag=2\r\nCall-ID: k\r\n"
+                    b"OPTIONS sip:127.0.0.24 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.26:9;rport;branch=z9hG4bKk"
+                    b"\r\nFrom: <sip:p@x>;tag=1\r\nTo: <sip:127.0.0.24>;tag=2\r\nCall-ID: k\r\n"
                     b"CSeq: 1 OPTIONS\r\nMax-Forwards: 5\r\nContent-Length: 0\r\n\r\n",
-                    ("127.0.0.4", port),
+                    ("127.0.0.24", port),
                 )
                 try:
                     if probe.recv(4096).startswith(b"SIP/2.0"):
@@ -483,14 +489,14 @@ class KamailioUpstreamTests(SynchronousTestCase):
         Kamailio reaches the far end; both complete with ACK and BYE.
         """
         port = freePort()
-        kamailioPort = freePort(host="127.0.0.4")
-        farPort = freePort(host="127.0.0.5")
+        kamailioPort = freePort(host="127.0.0.24")
+        farPort = freePort(host="127.0.0.25")
         process = NatkeepProcess(
             [
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--upstream",
-                f"sip:127.0.0.4:{kamailioPort}",
+                f"sip:127.0.0.24:{kamailioPort}",
                 "--db",
                 "natkeep.sqlite",
                 "--period",
@@ -501,25 +507,25 @@ class KamailioUpstreamTests(SynchronousTestCase):
         self.addCleanup(process.stop)
         process.waitReady("127.0.0.1", port)
         self.startKamailio(port, kamailioPort, farPort)
-        phonePort = freePort(host="127.0.0.2")
+        phonePort = freePort(host="127.0.0.22")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
-            phone.bind(("127.0.0.2", phonePort))
+            phone.bind(("127.0.0.22", phonePort))
             phone.settimeout(5)
             phone.sendto(
-                register(user="1001", contacts=[f"<sip:1001@127.0.0.2:{phonePort}>"]),
+                register(user="1001", contacts=[f"<sip:1001@127.0.0.22:{phonePort}>"]),
                 ("127.0.0.1", port),
             )
             self.assertTrue(phone.recv(4096).startswith(b"SIP/2.0 200 OK"))
-        kamailio = f"127.0.0.4:{kamailioPort}"
+        kamailio = f"127.0.0.24:{kamailioPort}"
         # In: the far end calls 1001 at the softswitch.
         placeCall(
             self,
             self.cwd,
             False,
-            ("127.0.0.2", phonePort),
-            ("127.0.0.5", farPort),
+            ("127.0.0.22", phonePort),
+            ("127.0.0.25", farPort),
             f"127.0.0.1:{port}",
-            caller_="far@127.0.0.5",
+            caller_="far@127.0.0.25",
             callerTarget=kamailio,
         )
         # Out: the phone calls 2000, which the softswitch sends to the far end.
@@ -527,8 +533,8 @@ class KamailioUpstreamTests(SynchronousTestCase):
             self,
             self.cwd,
             True,
-            ("127.0.0.5", farPort),
-            ("127.0.0.2", phonePort),
+            ("127.0.0.25", farPort),
+            ("127.0.0.22", phonePort),
             kamailio,
             callee="2000",
             caller_="1001@example.com",
