@@ -207,6 +207,13 @@ def _upstream(text: str) -> Optional[str]:
     return text
 
 
+def _serverHeader(text: str) -> str:
+    value = text.strip()
+    if len(value) > 128 or not all(c.isprintable() for c in value):
+        raise ValueError("at most 128 printable characters")
+    return value
+
+
 def _domains(text: str) -> frozenset[str]:
     names = frozenset(part.lower() for part in text.replace(",", " ").split())
     for name in names:
@@ -353,6 +360,61 @@ PARAMETERS: tuple[Parameter, ...] = (
         _networks,
         "CIDR blocks, comma-separated",
         "Sources besides registered devices and the upstream whose requests are relayed.",
+    ),
+    Parameter(
+        "rate_limit",
+        "rate-limit",
+        "rateLimit",
+        200,
+        _integer(0, 1_000_000),
+        "0..1000000 per second",
+        "Datagrams per second one source IP may send (token bucket, as pike); past it "
+        "they are dropped unanswered.  0 turns the limit off.",
+    ),
+    Parameter(
+        "rate_burst",
+        "rate-burst",
+        "rateBurst",
+        400,
+        _integer(1, 1_000_000),
+        "1..1000000",
+        "Datagrams one source IP may send at once before rate_limit applies.",
+    ),
+    Parameter(
+        "rate_exempt",
+        "rate-exempt",
+        "rateExempt",
+        ("127.0.0.0/8", "::1"),
+        _networks,
+        "CIDR blocks, comma-separated, or empty",
+        "Sources the rate limit never applies to (local tools and monitoring).",
+    ),
+    Parameter(
+        "allow",
+        "allow",
+        "allow",
+        (),
+        _networks,
+        "CIDR blocks, comma-separated, or empty",
+        "Networks whose devices may register; empty allows any.",
+    ),
+    Parameter(
+        "deny",
+        "deny",
+        "deny",
+        (),
+        _networks,
+        "CIDR blocks, comma-separated, or empty",
+        "Networks whose devices may not register (deny wins over allow).",
+    ),
+    Parameter(
+        "server_header",
+        "server-header",
+        "serverHeader",
+        "natkeep",
+        _serverHeader,
+        "printable text, or empty for none",
+        "The Server header of natkeep's responses; empty sends none.",
     ),
     Parameter(
         "db",
@@ -516,6 +578,12 @@ class Settings:
     upstream: Optional[str] = _DEFAULTS["upstream"]
     domains: frozenset[str] = _DEFAULTS["domains"]
     trusted: tuple[str, ...] = _DEFAULTS["trusted"]
+    rateLimit: int = _DEFAULTS["rateLimit"]
+    rateBurst: int = _DEFAULTS["rateBurst"]
+    rateExempt: tuple[str, ...] = _DEFAULTS["rateExempt"]
+    allow: tuple[str, ...] = _DEFAULTS["allow"]
+    deny: tuple[str, ...] = _DEFAULTS["deny"]
+    serverHeader: str = _DEFAULTS["serverHeader"]
     payload: str = _DEFAULTS["payload"]
     pacing: str = _DEFAULTS["pacing"]
     expiry: str = _DEFAULTS["expiry"]

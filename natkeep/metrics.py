@@ -70,6 +70,7 @@ PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "relay_responses_unknown",
         "Responses with natkeep's relay Via that natkeep did not cause, dropped.",
     ),
+    ("register.denied", "register_denied", "REGISTERs refused (403) by the allow/deny lists."),
     ("store.errors", "store_errors", "Failed commits of the binding store."),
     ("send.errors", "send_errors", "SIP responses the kernel refused to send."),
     ("internal.errors", "internal_errors", "Datagrams lost to an unexpected error."),
@@ -104,7 +105,7 @@ LABELLED_COUNTERS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
         "dropped",
         "reason",
         "Datagrams dropped without an answer, by reason.",
-        ("malformed", "unanswerable", "ack", "stun-malformed"),
+        ("malformed", "unanswerable", "ack", "stun-malformed", "rate-limited"),
     ),
 )
 

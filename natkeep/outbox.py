@@ -16,17 +16,16 @@ from typing import Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from natkeep import __version__, stun
+from natkeep import stun
 from natkeep.config import Settings
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.sip import Request, Via, renderResponse, traceText
 
 log = Logger()
 
-SERVER = f"natkeep/{__version__}"
-
-#: How every response ends: natkeep's responses carry no body.
-TRAILER = f"Server: {SERVER}\r\nContent-Length: 0\r\n\r\n"
+#: How every response ends (natkeep's responses carry no body), until
+#: C{server_header} says otherwise.
+TRAILER = "Server: natkeep\r\nContent-Length: 0\r\n\r\n"
 
 _SENT_KEYS: dict[int, str] = {}
 
@@ -52,14 +51,21 @@ class Outbox:
         self.store = store
         self.stats = stats
         self.sipTrace = sipTrace
+        self.trailer = TRAILER
         self._held: list[tuple[IListener, bytes, tuple[str, int]]] = []
         self._flushCall: Optional[IDelayedCall] = None
 
     def configure(self, settings: Settings) -> None:
         """
-        Take the SIP trace switch of C{settings}.
+        Take the SIP trace switch and the Server header of C{settings}.
         """
         self.sipTrace = settings.sipTrace
+        server = settings.serverHeader
+        self.trailer = (
+            f"Server: {server}\r\nContent-Length: 0\r\n\r\n"
+            if server
+            else "Content-Length: 0\r\n\r\n"
+        )
 
     def answer(
         self,
@@ -82,7 +88,9 @@ class Outbox:
             key = _SENT_KEYS[code] = f"responses.sent.{code}"
         self.stats[key] += 1
         self.send(
-            listener, renderResponse(request, via, source, code, reason, extra, TRAILER), source
+            listener,
+            renderResponse(request, via, source, code, reason, extra, self.trailer),
+            source,
         )
 
     def send(self, listener: IListener, data: bytes, address: tuple[str, int]) -> None:

@@ -80,6 +80,19 @@ def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
         lines.append(f"  domains served      {domains}")
         trusted = ", ".join(settings.trusted) or "none"
         lines.append(f"  trusted networks    {trusted}")
+    if settings.rateLimit:
+        exempt = ", ".join(settings.rateExempt) or "none"
+        lines.append(
+            f"  rate limit          {settings.rateLimit}/s per source IP, burst "
+            f"{settings.rateBurst} (exempt: {exempt})"
+        )
+    else:
+        lines.append("  rate limit          off")
+    if settings.allow or settings.deny:
+        lines.append(
+            f"  may register        allow {', '.join(settings.allow) or 'any'}; "
+            f"deny {', '.join(settings.deny) or 'none'}"
+        )
     warnings = adviceFor(settings, count)
     for warning in warnings:
         lines.append(f"  warning: {warning}")

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from natkeep import icmp, stun
 from natkeep.config import Settings
+from natkeep.guard import SourceLimiter
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
 from natkeep.sip import (
@@ -364,6 +365,8 @@ class SIPProtocol(DatagramProtocol):
         self.readPause = readPause
         self.sipTrace = sipTrace
         self.onUnreachable = onUnreachable
+        #: The per-source rate limit every datagram passes first, if any.
+        self.limiter: Optional[SourceLimiter] = None
         self._turnBytes = 0
         self._turnStarted = 0.0
         self._turnCall: Optional[IDelayedCall] = None
@@ -464,6 +467,11 @@ class SIPProtocol(DatagramProtocol):
     def _sort(self, data: bytes, source: tuple[str, int]) -> None:
         stats = self.stats
         stats["datagrams"] += 1
+        limiter = self.limiter
+        if limiter is not None and limiter.rate and not limiter.admit(source[0]):
+            # Unanswered: an answer would reflect the flood.
+            stats["dropped"] += 1
+            return
         # A SIP message starts with a letter; only then is it worth asking
         # whether this is a keep-alive or STUN.
         first = data[:1]

@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings
+from natkeep.guard import SourceFilter
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
 from natkeep.sip import (
@@ -187,6 +188,8 @@ class Relay:
         self.stats: Counter[str] = Counter() if stats is None else stats
         self.secret = secret or os.urandom(32)
         self.tokens = FlowTokens(self.secret)
+        #: Who may register (C{allow}, C{deny}).
+        self.sources = SourceFilter()
         self.upstream: Optional[tuple[str, int]] = None
         self.upstreamHost: Optional[str] = None
         self.domains: frozenset[str] = frozenset()
@@ -206,6 +209,7 @@ class Relay:
             cannot be resolved.
         """
         self.domains = settings.domains
+        self.sources.configure(settings.allow, settings.deny)
         self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in settings.trusted)
         self.upstream = resolveUpstream(settings)
         self.upstreamHost = (
@@ -279,6 +283,9 @@ class Relay:
     ) -> None:
         method = request.method
         if method == "REGISTER":
+            if not self.sources.allowed(source[0]):
+                self.stats["register.denied"] += 1
+                raise SIPError("Source Not Allowed", 403)
             if self.domains:
                 to = parseURI(parseNameAddr(request.headers["to"][0]).uri)
                 if to.host.lower() not in self.domains and not self._ours(to):

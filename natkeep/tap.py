@@ -41,6 +41,7 @@ from natkeep.config import (
     readConfigFile,
     splitListen,
 )
+from natkeep.guard import SourceLimiter
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
@@ -289,6 +290,11 @@ class Natkeep:
                 onUnreachable=self.sender.unreachable,
                 advertise=advertise,
             )
+        self.limiter = SourceLimiter(
+            reactor, settings.rateLimit, settings.rateBurst, settings.rateExempt, self.stats
+        )
+        for protocol in self.protocols.values():
+            protocol.limiter = self.limiter
         self.relay = Relay(
             self.registrar,
             self.table,
@@ -341,6 +347,7 @@ class Natkeep:
     def _apply(self, settings: Settings, strategies: Strategies) -> None:
         self.settings = settings
         self.relay.configure(settings)
+        self.limiter.configure(settings.rateLimit, settings.rateBurst, settings.rateExempt)
         self.outbox.configure(settings)
         self.registrar.configure(settings, strategies)
         for protocol in self.protocols.values():

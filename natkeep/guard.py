@@ -1,0 +1,157 @@
+"""
+The guard: who may talk to natkeep, and how much.
+
+L{SourceLimiter} is a token bucket per source IP over every datagram (as
+Kamailio's pike is), in a table of bounded size: past the limit datagrams
+are dropped without an answer (an answer would make natkeep a reflector),
+counted, and logged once per source per minute.  L{SourceFilter} holds the
+C{allow}/C{deny} networks for who may register.
+
+Both sit in front of the parser and the registrar, and know nothing of
+either.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, OrderedDict
+from typing import Iterable, Optional, Union
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: Sources the limiter tracks at once; the least recently seen leaves first.
+MAX_SOURCES = 65536
+
+#: Seconds between two log lines about the same limited source.
+LOG_EVERY = 60.0
+
+
+def networks(texts: Iterable[str]) -> tuple[Network, ...]:
+    """
+    Parse CIDR blocks (an address alone is its own /32 or /128).
+    """
+    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
+
+
+def _contains(blocks: tuple[Network, ...], host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in block for block in blocks)
+
+
+class SourceLimiter:
+    """
+    A token bucket per source IP: C{rate} datagrams a second, C{burst} at
+    once.  C{rate} 0 turns it off.  Sources in C{exempt} are never limited.
+
+    @ivar stats: counts C{dropped.rate-limited}.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        rate: float,
+        burst: int,
+        exempt: Iterable[str] = (),
+        stats: Optional[Counter[str]] = None,
+        capacity: int = MAX_SOURCES,
+    ) -> None:
+        self.clock = clock
+        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.capacity = capacity
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._exemptCache: dict[str, bool] = {}
+        self._logged: OrderedDict[str, float] = OrderedDict()
+        self.configure(rate, burst, exempt)
+
+    def configure(self, rate: float, burst: int, exempt: Iterable[str] = ()) -> None:
+        """
+        Take new limits; buckets already filled keep their tokens.
+        """
+        self.rate = float(rate)
+        self.burst = float(max(1, burst))
+        self.exempt = networks(exempt)
+        self._exemptCache.clear()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def admit(self, host: str) -> bool:
+        """
+        Whether a datagram from C{host} may be handled now; one token less
+        if so.
+        """
+        buckets = self._buckets
+        now = self.clock.seconds()
+        bucket = buckets.get(host)
+        if bucket is None:
+            exempt = self._exemptCache.get(host)
+            if exempt is None:
+                exempt = _contains(self.exempt, host)
+                if len(self._exemptCache) < self.capacity:
+                    self._exemptCache[host] = exempt
+            if exempt:
+                return True
+            if len(buckets) >= self.capacity:
+                buckets.popitem(last=False)
+            buckets[host] = [self.burst - 1.0, now]
+            return True
+        buckets.move_to_end(host)
+        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return True
+        bucket[0] = tokens
+        self._limited(host, now)
+        return False
+
+    def _limited(self, host: str, now: float) -> None:
+        self.stats["dropped.rate-limited"] += 1
+        last = self._logged.get(host)
+        if last is not None and now - last < LOG_EVERY:
+            return
+        self._logged[host] = now
+        self._logged.move_to_end(host)
+        while len(self._logged) > 4096:
+            self._logged.popitem(last=False)
+        log.warn(
+            "Rate limit: dropping datagrams from {host} (over {rate}/s, burst {burst}); "
+            "next report in a minute",
+            host=host,
+            rate=self.rate,
+            burst=int(self.burst),
+        )
+
+
+class SourceFilter:
+    """
+    Who may register: not a C{deny} network, and a C{allow} network when
+    any is given.
+    """
+
+    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        self.configure(allow, deny)
+
+    def configure(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        self.allow = networks(allow)
+        self.deny = networks(deny)
+
+    def allowed(self, host: str) -> bool:
+        if self.deny and _contains(self.deny, host):
+            return False
+        if self.allow:
+            return _contains(self.allow, host)
+        return True
