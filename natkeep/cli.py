@@ -5,6 +5,7 @@ listener.
 
     natkeep run [--config PATH] [--log-format json] [-- twistd natkeep options]
     natkeep check [--config PATH] [--devices N]
+    natkeep passwd USER --realm REALM [--algorithm SHA-256|MD5] < password
     natkeep status
     natkeep bindings list [--aor AOR] [--source HOST[:PORT]] [--nat yes|no]
     natkeep bindings show AOR
@@ -184,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("status", help="what the running natkeep reports")
 
+    passwd = commands.add_parser(
+        "passwd", help="print a credentials line for USER (the password is read from stdin)"
+    )
+    passwd.add_argument("user")
+    passwd.add_argument("--realm", required=True)
+    passwd.add_argument("--algorithm", choices=("SHA-256", "MD5"), default="SHA-256")
+
     bindings = commands.add_parser("bindings", help="list, show or remove live bindings")
     actions = bindings.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="list bindings")
@@ -237,6 +245,20 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
 
             sys.argv = twistdArguments(arguments)
             run()  # type: ignore[no-untyped-call]
+            return 0
+        if arguments.command == "passwd":
+            from natkeep.digest import credentialsLine
+
+            password = sys.stdin.readline().rstrip("\r\n")
+            if not password:
+                raise CommandError("no password on standard input")
+            try:
+                out.write(
+                    credentialsLine(arguments.user, arguments.realm, password, arguments.algorithm)
+                    + "\n"
+                )
+            except ValueError as e:
+                raise CommandError(str(e))
             return 0
         if arguments.command == "check":
             from natkeep.tap import Options

@@ -214,6 +214,24 @@ def _serverHeader(text: str) -> str:
     return value
 
 
+def _authMode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("off", "register", "all"):
+        raise ValueError("not an auth mode")
+    return value
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    names = tuple(part.upper() for part in text.replace(",", " ").split())
+    if not names or any(name not in ("SHA-256", "MD5") for name in names):
+        raise ValueError("not a list of SHA-256, MD5")
+    return names
+
+
+def _optionalPath(text: str) -> Optional[str]:
+    return text.strip() or None
+
+
 def _domains(text: str) -> frozenset[str]:
     names = frozenset(part.lower() for part in text.replace(",", " ").split())
     for name in names:
@@ -408,6 +426,43 @@ PARAMETERS: tuple[Parameter, ...] = (
         "Networks whose devices may not register (deny wins over allow).",
     ),
     Parameter(
+        "auth",
+        "auth",
+        "auth",
+        "off",
+        _authMode,
+        "off, register or all",
+        "Digest authentication: off; register (REGISTER, queries and removals "
+        "included); all (also the requests devices send through the relay, 407).",
+    ),
+    Parameter(
+        "realm",
+        "realm",
+        "realm",
+        None,
+        _optionalPath,
+        "a realm, or empty",
+        "Digest realm; empty: the first of domains, else the host the request's To names.",
+    ),
+    Parameter(
+        "credentials",
+        "credentials",
+        "credentials",
+        None,
+        _optionalPath,
+        "a file path, or empty",
+        "File of user:realm:algorithm:ha1 lines (natkeep passwd prints them), re-read on SIGHUP.",
+    ),
+    Parameter(
+        "auth_algorithms",
+        "auth-algorithms",
+        "authAlgorithms",
+        ("SHA-256", "MD5"),
+        _algorithms,
+        "SHA-256 and/or MD5, in order of preference",
+        "Digest algorithms offered, one challenge each, strongest first (RFC 8760).",
+    ),
+    Parameter(
         "server_header",
         "server-header",
         "serverHeader",
@@ -584,6 +639,10 @@ class Settings:
     allow: tuple[str, ...] = _DEFAULTS["allow"]
     deny: tuple[str, ...] = _DEFAULTS["deny"]
     serverHeader: str = _DEFAULTS["serverHeader"]
+    auth: str = _DEFAULTS["auth"]
+    realm: Optional[str] = _DEFAULTS["realm"]
+    credentials: Optional[str] = _DEFAULTS["credentials"]
+    authAlgorithms: tuple[str, ...] = _DEFAULTS["authAlgorithms"]
     payload: str = _DEFAULTS["payload"]
     pacing: str = _DEFAULTS["pacing"]
     expiry: str = _DEFAULTS["expiry"]
@@ -684,6 +743,10 @@ def buildSettings(fileValues: Mapping[str, str], cliValues: Mapping[str, object]
         except ValueError as e:
             raise ConfigError(f"{source} = {text!r} is invalid: {e}")
     settings = Settings(**chosen)
+    if settings.auth != "off" and not settings.credentials:
+        raise ConfigError(
+            f"auth = {settings.auth} needs credentials = PATH (natkeep passwd prints its lines)"
+        )
     if settings.minExpires > min(settings.endpointExpire, settings.endpointNatExpire):
         raise ConfigError(
             f"min_expires = {settings.minExpires} is invalid: allowed at most "

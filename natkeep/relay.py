@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings
+from natkeep.digest import CredentialsFile, Digest
 from natkeep.guard import SourceFilter
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
@@ -122,6 +123,33 @@ class FlowTokens:
         return listener, (host, port)
 
 
+def makeDigest(
+    settings: Settings,
+    clock: IReactorTime,
+    stats: Counter[str],
+    previous: Optional[Digest] = None,
+) -> Optional[Digest]:
+    """
+    The digest checker C{settings} ask for, its credentials file read now
+    (nonces a previous checker issued stay good).
+
+    @raise natkeep.config.ConfigError: naming the credentials file's fault.
+    """
+    from natkeep.config import ConfigError
+
+    if settings.auth == "off" or settings.credentials is None:
+        return None
+    try:
+        credentials = CredentialsFile(settings.credentials)
+    except ValueError as e:
+        raise ConfigError(f"credentials = {settings.credentials!r} is invalid: {e}")
+    realm = settings.realm or (sorted(settings.domains)[0] if settings.domains else None)
+    digest = Digest(clock, credentials, settings.authAlgorithms, realm, stats)
+    if previous is not None:
+        digest.adopt(previous)
+    return digest
+
+
 def resolveUpstream(settings: Settings) -> Optional[tuple[str, int]]:
     """
     The address of C{settings.upstream}, its host name resolved once (at
@@ -190,6 +218,9 @@ class Relay:
         self.tokens = FlowTokens(self.secret)
         #: Who may register (C{allow}, C{deny}).
         self.sources = SourceFilter()
+        #: Digest authentication, when C{auth} is on.
+        self.digest: Optional[Digest] = None
+        self.authAll = False
         self.upstream: Optional[tuple[str, int]] = None
         self.upstreamHost: Optional[str] = None
         self.domains: frozenset[str] = frozenset()
@@ -210,6 +241,8 @@ class Relay:
         """
         self.domains = settings.domains
         self.sources.configure(settings.allow, settings.deny)
+        self.digest = makeDigest(settings, self.clock, self.stats, self.digest)
+        self.authAll = settings.auth == "all"
         self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in settings.trusted)
         self.upstream = resolveUpstream(settings)
         self.upstreamHost = (
@@ -286,10 +319,16 @@ class Relay:
             if not self.sources.allowed(source[0]):
                 self.stats["register.denied"] += 1
                 raise SIPError("Source Not Allowed", 403)
+            to = parseURI(parseNameAddr(request.headers["to"][0]).uri)
             if self.domains:
-                to = parseURI(parseNameAddr(request.headers["to"][0]).uri)
                 if to.host.lower() not in self.domains and not self._ours(to):
                     raise SIPError("Domain Not Served", 403)
+            if self.digest is not None:
+                user = self.digest.check(request)
+                if user != to.user:
+                    # Authenticated, but not as the AOR's owner.
+                    self.stats["auth.wrong-aor"] += 1
+                    raise SIPError("Forbidden", 403)
             self.registrar.requestReceived(request, via, cseq, source, listener)
             return
         if self.upstream is None:
@@ -363,6 +402,9 @@ class Relay:
         elif flow is not None or fromDevice:
             # From a device: to another device of ours, else onward by the
             # Route set, else to the upstream.
+            if self.authAll and initial and method not in ("ACK", "CANCEL"):
+                assert self.digest is not None
+                self.digest.check(request, proxy=True)
             if initial and not routes and self._served(uri):
                 binding = self._target(uri)
                 target = binding.uri

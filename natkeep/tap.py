@@ -47,7 +47,7 @@ from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
 from natkeep.protocol import MAX_DATAGRAM, ListeningPort, SIPProtocol
 from natkeep.registrar import Registrar
-from natkeep.relay import Relay, resolveUpstream
+from natkeep.relay import Relay, makeDigest, resolveUpstream
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Response
 from natkeep.store import SQLiteStore, StoreError
@@ -388,6 +388,7 @@ class Natkeep:
             new = self.reloadSettings()
             strategies = makeStrategies(new)
             resolveUpstream(new)
+            makeDigest(new, self.reactor, Counter())
         except ConfigError as e:
             log.error("Reload refused, settings unchanged: {error}", error=str(e))
             return False
