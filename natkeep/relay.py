@@ -36,14 +36,14 @@ import os
 import socket
 import struct
 from collections import Counter
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from natkeep.bindings import Binding, BindingTable
-from natkeep.config import Settings
+from natkeep.config import Settings, isWildcard
 from natkeep.digest import CredentialsFile, Digest
 from natkeep.guard import SourceFilter
 from natkeep.interfaces import IListener, ISIPController
@@ -55,6 +55,7 @@ from natkeep.sip import (
     SIPError,
     Via,
     parseNameAddr,
+    parseParams,
     parseURI,
     parseVia,
     renderMessage,
@@ -121,6 +122,15 @@ class FlowTokens:
         listener, port = struct.unpack("!BH", packed[:3])
         host = str(ipaddress.ip_address(packed[3:]))
         return listener, (host, port)
+
+
+class RelayPlan(NamedTuple):
+    """
+    The parts of the relay's settings that take I/O to make (L{Relay.prepare}).
+    """
+
+    upstream: Optional[tuple[str, int]]
+    digest: Optional[Digest]
 
 
 def makeDigest(
@@ -229,22 +239,38 @@ class Relay:
         for listener in self.listeners:
             for address in (listener.sentBy, listener.address):
                 host, port = splitHostPort(address)
-                if host not in ("0.0.0.0", "::"):
+                if not isWildcard(host):
                     self._own.add((host.lower(), port or 5060))
 
-    def configure(self, settings: Settings) -> None:
+    def prepare(self, settings: Settings) -> RelayPlan:
         """
-        Take C{upstream}, C{domains} and C{trusted} from C{settings}.
+        What C{settings} ask of the relay that can fail: the upstream's
+        address (its host name resolved, once) and the digest checker (its
+        credentials file read).  A reload prepares first and applies only
+        when this succeeds.
 
-        @raise natkeep.config.ConfigError: when the upstream's host name
-            cannot be resolved.
+        @raise natkeep.config.ConfigError: naming what is wrong.
         """
+        return RelayPlan(
+            resolveUpstream(settings), makeDigest(settings, self.clock, self.stats, self.digest)
+        )
+
+    def configure(self, settings: Settings, plan: Optional[RelayPlan] = None) -> None:
+        """
+        Take C{upstream}, C{domains}, C{trusted}, C{allow}/C{deny} and the
+        authentication settings of C{settings}, with C{plan} when it was
+        prepared already.
+
+        @raise natkeep.config.ConfigError: as L{prepare}.
+        """
+        if plan is None:
+            plan = self.prepare(settings)
         self.domains = settings.domains
         self.sources.configure(settings.allow, settings.deny)
-        self.digest = makeDigest(settings, self.clock, self.stats, self.digest)
+        self.digest = plan.digest
         self.authAll = settings.auth == "all"
         self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in settings.trusted)
-        self.upstream = resolveUpstream(settings)
+        self.upstream = plan.upstream
         self.upstreamHost = (
             parseURI(settings.upstream).host.lower() if settings.upstream is not None else None
         )
@@ -292,16 +318,14 @@ class Relay:
             return any(address in network for network in self.trusted)
         return False
 
-    def _listenerFor(self, host: str, arrived: IListener) -> tuple[int, IListener]:
+    def _listenerFor(self, host: str) -> IListener:
         """
-        The socket to send to C{host} from: the one the request arrived on
-        when it has the same family, else the first that has.
+        The socket to send to C{host} from: the first of its family.
         """
         family = _family(host)
-        candidates = [arrived] + self.listeners
-        for listener in candidates:
+        for listener in self.listeners:
             if _family(listener.sentBy.rpartition(":")[0].strip("[]")) == family:
-                return self.listeners.index(listener), listener
+                return listener
         raise SIPError("No Route To Destination", 503)
 
     # Requests
@@ -487,7 +511,7 @@ class Relay:
             if self.upstream is None:
                 raise SIPError("No Route To Destination", 503)
             address = self.upstream
-        return self._listenerFor(address[0], self.listeners[0])[1], address
+        return self._listenerFor(address[0]), address
 
     def _loopKey(self, request: Request) -> str:
         """
@@ -553,11 +577,14 @@ def _toTag(request: Request) -> Optional[str]:
 
 
 def _quality(params: str) -> float:
-    for part in params.split(";"):
-        name, _, value = part.partition("=")
-        if name.strip().lower() == "q":
+    """
+    The C{q} of a binding's Contact parameters: 1 when absent, 0 when not
+    a number.
+    """
+    for name, value in parseParams(params):
+        if name == "q":
             try:
-                return float(value)
+                return float(value or "")
             except ValueError:
                 return 0.0
     return 1.0

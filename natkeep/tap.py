@@ -47,7 +47,7 @@ from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
 from natkeep.protocol import MAX_DATAGRAM, ListeningPort, SIPProtocol
 from natkeep.registrar import Registrar
-from natkeep.relay import Relay, makeDigest, resolveUpstream
+from natkeep.relay import Relay, RelayPlan
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Response
 from natkeep.store import SQLiteStore, StoreError
@@ -344,9 +344,11 @@ class Natkeep:
         if not self.relay.responseReceived(response, source):
             self.sender.responseReceived(response, source)
 
-    def _apply(self, settings: Settings, strategies: Strategies) -> None:
+    def _apply(
+        self, settings: Settings, strategies: Strategies, plan: Optional[RelayPlan] = None
+    ) -> None:
         self.settings = settings
-        self.relay.configure(settings)
+        self.relay.configure(settings, plan)
         self.limiter.configure(settings.rateLimit, settings.rateBurst, settings.rateExempt)
         self.outbox.configure(settings)
         self.registrar.configure(settings, strategies)
@@ -387,8 +389,7 @@ class Natkeep:
         try:
             new = self.reloadSettings()
             strategies = makeStrategies(new)
-            resolveUpstream(new)
-            makeDigest(new, self.reactor, Counter())
+            plan = self.relay.prepare(new)
         except ConfigError as e:
             log.error("Reload refused, settings unchanged: {error}", error=str(e))
             return False
@@ -409,7 +410,7 @@ class Natkeep:
             expiry=new.expiry,
             bindings=len(self.table),
         )
-        self._apply(new, strategies)
+        self._apply(new, strategies, plan)
         return True
 
     def snapshot(self) -> dict[str, Any]:
