@@ -30,6 +30,8 @@ sys.path.insert(0, HERE)
 
 from common import CLOCK_TICKS, Natkeep, freePort  # noqa: E402
 
+from natkeep.testing import sippCounts  # noqa: E402
+
 SIPP_FOLDER = os.path.join(os.path.dirname(HERE), "tests", "sipp")
 KAMAILIO = "/usr/sbin/kamailio"
 KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
@@ -68,17 +70,6 @@ def cpuOf(pids: list[int]) -> float:
         except OSError:
             continue
     return total
-
-
-def sippCounts(output: str) -> tuple[int, int]:
-    successful = failed = 0
-    for line in output.splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if cells[0] == "Successful call":
-            successful = int(cells[-1])
-        elif cells[0] == "Failed call":
-            failed = int(cells[-1])
-    return successful, failed
 
 
 def onCore1(command: list[str]) -> list[str]:

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from natkeep.bindings import Binding, BindingTable
+from natkeep.guard import inNetworks, networks
 from natkeep.sip import SIPError, parseURI
 
 #: Bindings one page lists unless C{limit} asks for fewer (or more, up to
@@ -43,18 +44,16 @@ class AdminError(Exception):
         self.status = status
 
 
+#: The loopback networks, where the admin API is open without a token.
+LOOPBACK = networks(("127.0.0.0/8", "::1"))
+
+
 def isLoopback(host: str) -> bool:
     """
     Whether C{host} (a client address) is a loopback address, IPv4-mapped
     IPv6 included.
     """
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+    return inNetworks(LOOPBACK, host)
 
 
 def canonicalAOR(text: str) -> str:

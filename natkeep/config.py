@@ -161,6 +161,13 @@ def parseListenAddress(text: str) -> tuple[str, int]:
     return host, port
 
 
+def isWildcard(host: str) -> bool:
+    """
+    Whether C{host} (bracketed or not) means every local address.
+    """
+    return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
 def _listen(text: str) -> tuple[str, ...]:
     parts = text.replace(",", " ").split()
     if not parts:
@@ -175,7 +182,7 @@ def _listen(text: str) -> tuple[str, ...]:
                 raise ValueError("advertise needs HOST:PORT after it")
             advertised = parts.pop(0)
             host, _ = parseListenAddress(advertised)
-            if host.strip("[]") in ("0.0.0.0", "::", ""):
+            if isWildcard(host):
                 raise ValueError("advertise needs a routable address, not a wildcard")
             entries.append(f"{address} advertise {advertised}")
         else:

@@ -286,33 +286,36 @@ class Digest:
                 continue
             if params.get("realm") != realm:
                 continue
-            user = self._verify(request, params, realm)
+            user, stale = self._verify(request, params, realm)
+            if stale:
+                raise self.challenge(request, proxy, stale=True)
             if user is not None:
                 self.stats["auth.ok"] += 1
                 return user
-            if user is None and self._staleAnswer:
-                raise self.challenge(request, proxy, stale=True)
         if values:
             self.stats["auth.failures"] += 1
         raise self.challenge(request, proxy)
 
-    _staleAnswer = False
-
-    def _verify(self, request: Request, params: dict[str, str], realm: str) -> Optional[str]:
-        self._staleAnswer = False
+    def _verify(
+        self, request: Request, params: dict[str, str], realm: str
+    ) -> tuple[Optional[str], bool]:
+        """
+        The user a right answer authenticates (or C{None}), and whether it
+        was a right answer to an expired nonce.
+        """
         algorithm = params.get("algorithm", "MD5").upper()
         if algorithm not in self.algorithms:
-            return None
+            return None, False
         user = params.get("username", "")
         nonce = params.get("nonce", "")
         response = params.get("response", "").lower()
         uri = params.get("uri", "")
         qop = params.get("qop")
         if not user or not nonce or not response or not uri:
-            return None
+            return None, False
         state = self._nonceState(nonce)
         if state == "bad":
-            return None
+            return None, False
         # The user's HA1, or a stand-in so an unknown user costs the same.
         known = self.credentials.ha1(user, realm, algorithm)
         ha1 = known or ALGORITHMS[algorithm](os.urandom(16)).hexdigest()
@@ -321,28 +324,27 @@ class Digest:
         count = 0
         if qop is not None:
             if qop.lower() != "auth" or len(nc) != 8 or not cnonce:
-                return None
+                return None, False
             try:
                 count = int(nc, 16)
             except ValueError:
-                return None
+                return None, False
         expected = expectedResponse(
             algorithm, ha1, nonce, request.method, uri, qop and "auth", nc, cnonce
         )
         if not hmac.compare_digest(expected.encode("ascii"), response.encode("ascii", "replace")):
-            return None
+            return None, False
         if known is None:
-            return None
+            return None, False
         if state == "stale":
-            self._staleAnswer = True
-            return None
+            return None, True
         if qop is not None:
             last = self._counts.get(nonce, 0)
             if count <= last:
                 self.stats["auth.replays"] += 1
-                return None
+                return None, False
             self._counts[nonce] = count
             self._counts.move_to_end(nonce)
             while len(self._counts) > MAX_NONCES:
                 self._counts.popitem(last=False)
-        return user
+        return user, False

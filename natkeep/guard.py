@@ -38,7 +38,11 @@ def networks(texts: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
 
 
-def _contains(blocks: tuple[Network, ...], host: str) -> bool:
+def inNetworks(blocks: tuple[Network, ...], host: str) -> bool:
+    """
+    Whether the address C{host} (IPv4-mapped IPv6 read as IPv4) lies in one
+    of C{blocks}; a host that is no address lies in none.
+    """
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -97,7 +101,7 @@ class SourceLimiter:
         if bucket is None:
             exempt = self._exemptCache.get(host)
             if exempt is None:
-                exempt = _contains(self.exempt, host)
+                exempt = inNetworks(self.exempt, host)
                 if len(self._exemptCache) < self.capacity:
                     self._exemptCache[host] = exempt
             if exempt:
@@ -150,8 +154,8 @@ class SourceFilter:
         self.deny = networks(deny)
 
     def allowed(self, host: str) -> bool:
-        if self.deny and _contains(self.deny, host):
+        if self.deny and inNetworks(self.deny, host):
             return False
         if self.allow:
-            return _contains(self.allow, host)
+            return inNetworks(self.allow, host)
         return True

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from natkeep import icmp, stun
-from natkeep.config import Settings
+from natkeep.config import Settings, isWildcard
 from natkeep.guard import SourceLimiter
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
@@ -129,7 +129,7 @@ class ListeningPort(udp.Port):
     def _bindSocket(self) -> None:
         super()._bindSocket()  # type: ignore[no-untyped-call]
         self.reportsErrors = icmp.enableErrors(self.socket)
-        if self.recordLocal and self.interface in ("", "0.0.0.0", "::"):
+        if self.recordLocal and isWildcard(self.interface):
             try:
                 if self.addressFamily == socket.AF_INET6:
                     self.socket.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
@@ -298,10 +298,9 @@ def sentByFor(address: str, advertise: Optional[str] = None) -> str:
     if advertise:
         return advertise
     host, _, port = address.rpartition(":")
-    bare = host.strip("[]")
-    if bare not in ("", "0.0.0.0", "::"):
+    if not isWildcard(host):
         return address
-    if ":" in bare:
+    if ":" in host:
         return f"[{hostAddress(socket.AF_INET6)}]:{port}"
     return f"{hostAddress(socket.AF_INET)}:{port}"
 
@@ -351,11 +350,7 @@ class SIPProtocol(DatagramProtocol):
     ) -> None:
         self.address = address
         self.sentBy = sentByFor(address, advertise)
-        self._wildcard = advertise is None and address.rpartition(":")[0].strip("[]") in (
-            "",
-            "0.0.0.0",
-            "::",
-        )
+        self._wildcard = advertise is None and isWildcard(address.rpartition(":")[0])
         self.controller = controller
         self.outbox = outbox
         self.clock = clock

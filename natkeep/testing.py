@@ -180,3 +180,18 @@ def request(method: str, *, callId: str = "call-9@phone", cseq: int = 1) -> byte
         f"CSeq: {cseq} {method}\r\n"
         "Content-Length: 0\r\n\r\n"
     ).encode("utf-8")
+
+
+def sippCounts(output: str) -> tuple[int, int]:
+    """
+    The successful and failed call totals from sipp's final statistics
+    (-1 each when sipp printed none).
+    """
+    successful = failed = -1
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if cells[0] == "Successful call":
+            successful = int(cells[-1])
+        elif cells[0] == "Failed call":
+            failed = int(cells[-1])
+    return successful, failed

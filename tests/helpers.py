@@ -100,3 +100,31 @@ def startDevice(testCase: Any, host: str = "127.0.0.1") -> Device:
     port = reactor.listenUDP(0, device, interface=host)  # type: ignore[attr-defined]
     testCase.addCleanup(port.stopListening)
     return device
+
+
+class MemoryEdgeTestCase:
+    """
+    A mixin for L{twisted.trial.unittest.SynchronousTestCase}: natkeep's
+    relay in front of its registrar on one in-memory socket, with a fake
+    clock.  C{protocol} is the socket, C{wire.written} what it sent.
+    """
+
+    def setUpEdge(self, now: float = 1000) -> None:
+        from collections import Counter
+
+        from natkeep.bindings import BindingTable
+        from natkeep.outbox import Outbox
+        from natkeep.plugins.natkeep_expiry import CapExpiry
+        from natkeep.registrar import Registrar
+        from natkeep.relay import Relay
+        from natkeep.testing import fakeSocket
+
+        self.clock = Clock()
+        self.clock.advance(now)
+        self.stats: Counter[str] = Counter()
+        self.table = BindingTable()
+        self.outbox = Outbox(self.clock, None, self.stats)
+        registrar = Registrar(self.table, self.clock, self.outbox, CapExpiry(3600, 300))
+        self.relay = Relay(registrar, self.table, self.clock, self.outbox, [], self.stats)
+        self.protocol, self.wire = fakeSocket(self.relay, self.outbox, self.clock, self.stats)
+        self.relay.listeners = [self.protocol]

@@ -187,20 +187,6 @@ def sipp(
     )
 
 
-def sippCounts(output: str) -> tuple[int, int]:
-    """
-    The successful and failed call totals from sipp's final statistics.
-    """
-    successful = failed = -1
-    for line in output.splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if cells[0] == "Successful call":
-            successful = int(cells[-1])
-        elif cells[0] == "Failed call":
-            failed = int(cells[-1])
-    return successful, failed
-
-
 def haveSipp() -> bool:
     return shutil.which("sipp") is not None
 

@@ -8,16 +8,13 @@ import os
 import re
 import subprocess
 import sys
-from collections import Counter
 from typing import Optional
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from natkeep.bindings import BindingTable
 from natkeep.config import ConfigError, Settings, buildSettings
 from natkeep.digest import (
     NONCE_LIFETIME,
@@ -28,15 +25,11 @@ from natkeep.digest import (
     ha1Of,
     parseAuthorization,
 )
-from natkeep.outbox import Outbox
-from natkeep.plugins.natkeep_expiry import CapExpiry
-from natkeep.registrar import Registrar
-from natkeep.relay import Relay
 from natkeep.sip import Request, SIPError, parseMessage
-from natkeep.testing import fakeSocket, register
+from natkeep.testing import register, sippCounts
 
-from .helpers import freePort
-from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp, sippCounts
+from .helpers import MemoryEdgeTestCase, freePort
+from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
 
 REALM = "example.com"
 PHONE = ("192.0.2.50", 5060)
@@ -162,21 +155,13 @@ def answer(
     return head + b"\r\n" + header.encode() + rest
 
 
-class AuthTestCase(SynchronousTestCase):
+class AuthTestCase(MemoryEdgeTestCase, SynchronousTestCase):
     """
     natkeep's guard with C{auth = register}, on an in-memory socket.
     """
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1000)
-        self.stats: Counter[str] = Counter()
-        self.table = BindingTable()
-        self.outbox = Outbox(self.clock, None, self.stats)
-        registrar = Registrar(self.table, self.clock, self.outbox, CapExpiry(3600, 300))
-        self.relay = Relay(registrar, self.table, self.clock, self.outbox, [], self.stats)
-        self.protocol, self.wire = fakeSocket(self.relay, self.outbox, self.clock, self.stats)
-        self.relay.listeners = [self.protocol]
+        self.setUpEdge()
         path = FilePath(self.mktemp())
         path.setContent(
             "\n".join(

@@ -18,11 +18,11 @@ from typing import Optional
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from natkeep.testing import register
+from natkeep.testing import register, sippCounts
 
 from .helpers import freePort
 from .natlab import DEVICE, PUBLIC, ROUTER_WAN, SERVER, NatLab, labUnavailable
-from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp, sippCounts
+from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
 
 #: The lab NAT's UDP timeout, and how long the phone stays silent before
 #: it is called: more than three of them.

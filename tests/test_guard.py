@@ -11,16 +11,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from natkeep.bindings import BindingTable
 from natkeep.config import ConfigError, Settings, buildSettings
 from natkeep.guard import SourceFilter, SourceLimiter
-from natkeep.outbox import Outbox
-from natkeep.plugins.natkeep_expiry import CapExpiry
-from natkeep.registrar import Registrar
-from natkeep.relay import Relay
-from natkeep.testing import fakeSocket, register
+from natkeep.testing import register
 
-from .helpers import startDevice
+from .helpers import MemoryEdgeTestCase, startDevice
 from .test_udp import ServiceTestCase
 
 
@@ -124,21 +119,13 @@ class FilterTests(SynchronousTestCase):
             self.assertIn(key, str(error))
 
 
-class SocketGuardTests(SynchronousTestCase):
+class SocketGuardTests(MemoryEdgeTestCase, SynchronousTestCase):
     """
     The limit, the lists and the Server header on an in-memory socket.
     """
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(100)
-        self.stats: Counter[str] = Counter()
-        self.table = BindingTable()
-        self.outbox = Outbox(self.clock, None, self.stats)
-        registrar = Registrar(self.table, self.clock, self.outbox, CapExpiry(3600, 300))
-        self.relay = Relay(registrar, self.table, self.clock, self.outbox, [], self.stats)
-        self.protocol, self.wire = fakeSocket(self.relay, self.outbox, self.clock, self.stats)
-        self.relay.listeners = [self.protocol]
+        self.setUpEdge(100)
         self.protocol.limiter = SourceLimiter(self.clock, 5, 10, stats=self.stats)
 
     def test_floodDroppedUnanswered(self) -> None:

@@ -13,7 +13,7 @@ import sqlite3
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from natkeep.testing import register
+from natkeep.testing import register, sippCounts
 
 from .dropin import installDropin
 from .helpers import freePort
@@ -23,7 +23,6 @@ from .processes import (
     haveSipp,
     runTwistd,
     sipp,
-    sippCounts,
     stoppedCleanly,
 )
 
