@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TWISTD = [
@@ -156,3 +156,85 @@ def fillStore(path: str, count: int, listen: str, expiresIn: float = 7200) -> No
             )
         store.commit()
     store.close()
+
+
+def paced(
+    count: int, rate: int, seconds: float, sendOne: Callable[[int], None], drain: Callable[[], None]
+) -> tuple[int, float]:
+    """
+    Call C{sendOne(index)} C{count} times at C{rate} a second, draining
+    answers between sends, then drain for up to 2 s more until
+    C{drain()} returns C{False} (nothing left to wait for).  Bounded in
+    time: the sending stops after three times C{seconds}.
+
+    @return: how many were sent, and the seconds it all took.
+    """
+    began = time.monotonic()
+    index = 0
+    while index < count:
+        due = min(count, int((time.monotonic() - began) * rate) + 1)
+        while index < due:
+            sendOne(index)
+            index += 1
+        drain()
+        if time.monotonic() - began > seconds * 3:
+            break
+    deadline = time.monotonic() + 2.0
+    while drain() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return index, time.monotonic() - began
+
+
+def percentile(sorted_: Sequence[float], p: float) -> float:
+    """
+    The C{p} quantile of sorted seconds, in milliseconds (0 when empty).
+    """
+    if not sorted_:
+        return 0.0
+    return sorted_[min(len(sorted_) - 1, int(p * len(sorted_)))] * 1000
+
+
+#: Above this median latency natkeep is not keeping up with the rate.
+KEEPS_UP_P50_MS = 10.0
+
+
+def ramp(
+    natkeep: Natkeep,
+    rates: range,
+    step: Callable[[int], dict[str, float]],
+    describe: Callable[[int, dict[str, float]], str],
+) -> tuple[Optional[dict[str, float]], list[dict[str, float]]]:
+    """
+    Run C{step(rate)} for each rate in turn until fewer than 99.9 % get
+    their 200 OK or the median latency passes L{KEEPS_UP_P50_MS}; print
+    C{describe(rate, result)} for each; stop C{natkeep} at the end.
+
+    @return: the last sustained step's result (if any), and every step's.
+    """
+    results = []
+    best = None
+    try:
+        natkeep.waitLog("Restored", 30)
+        for rate in rates:
+            result = step(rate)
+            results.append(result)
+            print(describe(rate, result), flush=True)
+            if result["success"] < 0.999 or result["p50_ms"] > KEEPS_UP_P50_MS:
+                break
+            best = result
+            time.sleep(1.0)
+    finally:
+        natkeep.stop()
+    return best, results
+
+
+def loadSocket() -> socket.socket:
+    """
+    A non-blocking UDP socket on 127.0.0.1 with a 16 MiB receive buffer,
+    for a load generator that reads its answers between sends.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    bigReceiveBuffer(s, 16 << 20)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s

@@ -18,17 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Natkeep, bigReceiveBuffer, freePort, pin  # noqa: E402
-
-#: Above this median latency natkeep is not keeping up with the rate.
-KEEPS_UP_P50_MS = 10.0
+from common import (  # noqa: E402
+    KEEPS_UP_P50_MS,
+    Natkeep,
+    freePort,
+    loadSocket,
+    paced,
+    percentile,
+    pin,
+    ramp,
+)
 
 
 def registerBytes(user: str, port: int) -> bytes:
@@ -54,19 +59,16 @@ def step(
     datagrams = [registerBytes(f"{tag}x{n}", server[1]) for n in range(count)]
     sentAt: dict[bytes, float] = {}
     latencies: list[float] = []
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    bigReceiveBuffer(s, 16 << 20)
-    s.bind(("127.0.0.1", 0))
-    s.setblocking(False)
+    s = loadSocket()
     ok = 0
 
-    def drain() -> None:
+    def drain() -> bool:
         nonlocal ok
         while True:
             try:
                 data = s.recv(4096)
             except BlockingIOError:
-                return
+                return bool(sentAt)
             if data.startswith(b"SIP/2.0 200"):
                 start = data.find(b"\r\nCall-ID: ") + 11
                 callId = data[start : data.find(b"\r\n", start)]
@@ -75,36 +77,20 @@ def step(
                     ok += 1
                     latencies.append(time.monotonic() - sent)
 
+    def sendOne(index: int) -> None:
+        data = datagrams[index]
+        start = data.find(b"Call-ID: ") + 9
+        sentAt[data[start : data.find(b"\r\n", start)]] = time.monotonic()
+        try:
+            s.sendto(data, server)
+        except BlockingIOError:
+            pass
+
     cpuBefore = natkeep.cpuSeconds()
-    began = time.monotonic()
-    index = 0
-    while index < count:
-        due = min(count, int((time.monotonic() - began) * rate) + 1)
-        while index < due:
-            data = datagrams[index]
-            start = data.find(b"Call-ID: ") + 9
-            sentAt[data[start : data.find(b"\r\n", start)]] = time.monotonic()
-            try:
-                s.sendto(data, server)
-            except BlockingIOError:
-                pass
-            index += 1
-        drain()
-        if time.monotonic() - began > seconds * 3:
-            break
-    deadline = time.monotonic() + 2.0
-    while sentAt and time.monotonic() < deadline:
-        drain()
-        time.sleep(0.001)
-    elapsed = time.monotonic() - began
+    index, elapsed = paced(count, rate, seconds, sendOne, drain)
     cpu = natkeep.cpuSeconds() - cpuBefore
     s.close()
     latencies.sort()
-
-    def pct(p: float) -> float:
-        return (
-            latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0.0
-        )
 
     return {
         "rate": rate,
@@ -112,8 +98,8 @@ def step(
         "ok": ok,
         "success": ok / max(index, 1),
         "achieved_per_s": index / max(elapsed - 2.0, seconds) if index else 0.0,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
         "cpu_us_per_register": cpu / max(ok, 1) * 1e6,
     }
 
@@ -149,27 +135,16 @@ def main() -> None:
             args.read_pause,
         ],
     )
-    results = []
-    best = None
-    try:
-        natkeep.waitLog("Restored", 30)
-        rate = args.start
-        while rate <= maximum:
-            result = step(("127.0.0.1", port), rate, seconds, f"r{rate}", natkeep)
-            results.append(result)
-            print(
-                f"rate {rate:6d}/s: {result['ok']:6d}/{result['sent']:6d} ok "
-                f"({result['success'] * 100:6.2f} %), p50 {result['p50_ms']:6.2f} ms, "
-                f"p99 {result['p99_ms']:7.2f} ms, {result['cpu_us_per_register']:6.1f} CPU us/REGISTER",
-                flush=True,
-            )
-            if result["success"] < 0.999 or result["p50_ms"] > KEEPS_UP_P50_MS:
-                break
-            best = result
-            rate += args.step
-            time.sleep(1.0)
-    finally:
-        natkeep.stop()
+    best, results = ramp(
+        natkeep,
+        range(args.start, maximum + 1, args.step),
+        lambda rate: step(("127.0.0.1", port), rate, seconds, f"r{rate}", natkeep),
+        lambda rate, result: (
+            f"rate {rate:6d}/s: {result['ok']:6d}/{result['sent']:6d} ok "
+            f"({result['success'] * 100:6.2f} %), p50 {result['p50_ms']:6.2f} ms, "
+            f"p99 {result['p99_ms']:7.2f} ms, {result['cpu_us_per_register']:6.1f} CPU us/REGISTER"
+        ),
+    )
     if best:
         print(
             f"highest sustained rate (>= 99.9 % 200 OK, p50 <= {KEEPS_UP_P50_MS:g} ms): "

@@ -180,6 +180,7 @@ class BindingTable:
     _aors: dict[str, dict[str, Binding]] = attrs.field(factory=dict)
     _nat: dict[Binding, None] = attrs.field(factory=dict)
     _wheel: dict[int, dict[Binding, None]] = attrs.field(factory=dict)
+    _perHost: dict[str, int] = attrs.field(factory=dict)
     _swept: Optional[int] = None
     _count: int = 0
     _nextPhase: int = 0
@@ -207,6 +208,12 @@ class BindingTable:
         contacts = self._aors.get(aor)
         return len(contacts) if contacts else 0
 
+    def countFrom(self, host: str) -> int:
+        """
+        How many bindings were last registered from the source IP C{host}.
+        """
+        return self._perHost.get(host, 0)
+
     def get(self, aor: str, uri: str) -> Optional[Binding]:
         """
         The binding of C{uri} under C{aor}, if any.
@@ -226,6 +233,8 @@ class BindingTable:
         binding.phase = self._nextPhase
         self._nextPhase += 1
         self._count += 1
+        host = binding.source[0]
+        self._perHost[host] = self._perHost.get(host, 0) + 1
         if binding.nat:
             self._nat[binding] = None
         self._schedule(binding)
@@ -250,6 +259,9 @@ class BindingTable:
                 self._nat[binding] = None
             else:
                 del self._nat[binding]
+        if source[0] != binding.source[0]:
+            self._leave(binding.source[0])
+            self._perHost[source[0]] = self._perHost.get(source[0], 0) + 1
         binding.source = source
         binding.listener = listener
         binding.nat = nat
@@ -277,9 +289,17 @@ class BindingTable:
         if binding.nat:
             del self._nat[binding]
         self._unschedule(binding)
+        self._leave(binding.source[0])
         binding.expiresAt = DEAD
         self._count -= 1
         self.removed(binding)
+
+    def _leave(self, host: str) -> None:
+        left = self._perHost[host] - 1
+        if left:
+            self._perHost[host] = left
+        else:
+            del self._perHost[host]
 
     def natBindings(self) -> Iterable[Binding]:
         """

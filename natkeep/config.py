@@ -92,11 +92,14 @@ def _optionalToken(text: str) -> Optional[str]:
     return value
 
 
-def _logFormat(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("text", "json"):
-        raise ValueError("not a log format")
-    return value
+def _oneOf(*values: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        value = text.strip().lower()
+        if value not in values:
+            raise ValueError(f"not one of {', '.join(values)}")
+        return value
+
+    return check
 
 
 MAX_MESSAGE_BYTES = 1200
@@ -218,13 +221,6 @@ def _serverHeader(text: str) -> str:
     value = text.strip()
     if len(value) > 128 or not all(c.isprintable() for c in value):
         raise ValueError("at most 128 printable characters")
-    return value
-
-
-def _authMode(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("off", "register", "all"):
-        raise ValueError("not an auth mode")
     return value
 
 
@@ -412,7 +408,47 @@ PARAMETERS: tuple[Parameter, ...] = (
         ("127.0.0.0/8", "::1"),
         _networks,
         "CIDR blocks, comma-separated, or empty",
-        "Sources the rate limit never applies to (local tools and monitoring).",
+        "Sources the rate limit and max_bindings_per_source never apply to (local tools "
+        "and monitoring).",
+    ),
+    Parameter(
+        "max_contacts",
+        "max-contacts",
+        "maxContacts",
+        16,
+        _integer(1, 16),
+        "1..16",
+        "Bindings (Contacts) one AOR may hold; past it see contacts_full.",
+    ),
+    Parameter(
+        "contacts_full",
+        "contacts-full",
+        "contactsFull",
+        "replace",
+        _oneOf("replace", "refuse"),
+        "replace or refuse",
+        "A new Contact for an AOR at max_contacts: replace the binding nearest to "
+        "expiry, or refuse the REGISTER with 403.",
+    ),
+    Parameter(
+        "max_bindings_per_source",
+        "max-bindings-per-source",
+        "maxBindingsPerSource",
+        1000,
+        _integer(0, 100_000_000),
+        "0..100000000",
+        "Bindings registered from one source IP (403 past it), bounding what a "
+        "spoofed source can aim at a victim; 0 for no limit.",
+    ),
+    Parameter(
+        "max_bindings",
+        "max-bindings",
+        "maxBindings",
+        1_000_000,
+        _integer(0, 100_000_000),
+        "0..100000000",
+        "Bindings in all (about 0.9 KB of memory each); past it a new binding "
+        "gets 503 with Retry-After; 0 for no limit.",
     ),
     Parameter(
         "allow",
@@ -437,7 +473,7 @@ PARAMETERS: tuple[Parameter, ...] = (
         "auth",
         "auth",
         "off",
-        _authMode,
+        _oneOf("off", "register", "all"),
         "off, register or all",
         "Digest authentication: off; register (REGISTER, queries and removals "
         "included); all (also the requests devices send through the relay, 407).",
@@ -584,7 +620,7 @@ PARAMETERS: tuple[Parameter, ...] = (
         "log-format",
         "logFormat",
         "text",
-        _logFormat,
+        _oneOf("text", "json"),
         "text or json",
         "Log lines as text, or one JSON object per line.",
     ),
@@ -643,6 +679,10 @@ class Settings:
     rateLimit: int = _DEFAULTS["rateLimit"]
     rateBurst: int = _DEFAULTS["rateBurst"]
     rateExempt: tuple[str, ...] = _DEFAULTS["rateExempt"]
+    maxContacts: int = _DEFAULTS["maxContacts"]
+    contactsFull: str = _DEFAULTS["contactsFull"]
+    maxBindingsPerSource: int = _DEFAULTS["maxBindingsPerSource"]
+    maxBindings: int = _DEFAULTS["maxBindings"]
     allow: tuple[str, ...] = _DEFAULTS["allow"]
     deny: tuple[str, ...] = _DEFAULTS["deny"]
     serverHeader: str = _DEFAULTS["serverHeader"]
@@ -667,6 +707,14 @@ class Settings:
         Send intervals that fit in one period: C{ceil(PERIOD*1000/INTERVAL)}.
         """
         return math.ceil(self.period * 1000 / self.sendInterval)
+
+    @property
+    def authRealm(self) -> Optional[str]:
+        """
+        The digest realm: C{realm}, else the first of C{domains} (sorted);
+        C{None} when each request's To (From, proxied) names it.
+        """
+        return self.realm or (min(self.domains) if self.domains else None)
 
     @property
     def capacity(self) -> int:

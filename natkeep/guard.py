@@ -5,7 +5,9 @@ L{SourceLimiter} is a token bucket per source IP over every datagram (as
 Kamailio's pike is), in a table of bounded size: past the limit datagrams
 are dropped without an answer (an answer would make natkeep a reflector),
 counted, and logged once per source per minute.  L{SourceFilter} holds the
-C{allow}/C{deny} networks for who may register.
+C{allow}/C{deny} networks for who may register.  L{BindingCaps} holds
+how many bindings one AOR, one source and the whole table may hold; the
+registrar applies it.
 
 Both sit in front of the parser and the registrar, and know nothing of
 either.
@@ -17,6 +19,7 @@ import ipaddress
 from collections import Counter, OrderedDict
 from typing import Iterable, Optional, Union
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -159,3 +162,51 @@ class SourceFilter:
         if self.allow:
             return inNetworks(self.allow, host)
         return True
+
+
+@attrs.define
+class BindingCaps:
+    """
+    How many bindings natkeep holds: per AOR, per source IP, in all.
+
+    @ivar perAOR: bindings one AOR may hold.
+    @ivar replace: past C{perAOR}, whether a new Contact replaces the AOR's
+        binding nearest to expiry (the least recently refreshed) rather
+        than being refused with 403.
+    @ivar perSource: bindings registered from one source IP, 0 for no
+        limit: it bounds how much a spoofed source can aim at one victim.
+        Sources in C{exempt} are not counted against it.
+    @ivar total: bindings in all, 0 for no limit; past it a new binding
+        gets 503 with C{Retry-After: retryAfter}.
+    """
+
+    perAOR: int = 16
+    replace: bool = True
+    perSource: int = 0
+    total: int = 0
+    exempt: tuple[Network, ...] = ()
+    retryAfter: int = 60
+    _exemptCache: dict[str, bool] = attrs.field(factory=dict, repr=False)
+
+    def configure(
+        self, perAOR: int, replace: bool, perSource: int, total: int, exempt: Iterable[str] = ()
+    ) -> None:
+        self.perAOR = perAOR
+        self.replace = replace
+        self.perSource = perSource
+        self.total = total
+        self.exempt = networks(exempt)
+        self._exemptCache.clear()
+
+    def countsSource(self, host: str) -> bool:
+        """
+        Whether bindings from C{host} count against C{perSource}.
+        """
+        if not self.perSource:
+            return False
+        exempt = self._exemptCache.get(host)
+        if exempt is None:
+            exempt = inNetworks(self.exempt, host)
+            if len(self._exemptCache) < MAX_SOURCES:
+                self._exemptCache[host] = exempt
+        return not exempt

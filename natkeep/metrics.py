@@ -35,6 +35,11 @@ PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("bindings.added", "bindings_added", "Bindings created by REGISTER."),
     ("bindings.refreshed", "bindings_refreshed", "Bindings refreshed by REGISTER."),
     ("bindings.removed", "bindings_removed", "Bindings removed by REGISTER (expires 0, *)."),
+    (
+        "bindings.replaced",
+        "bindings_replaced",
+        "Bindings replaced by a new Contact of an AOR at max_contacts.",
+    ),
     ("admin.removed", "admin_removed", "Bindings removed through the admin API."),
     ("bindings.dead", "bindings_dead", "Bindings removed for unanswered heartbeats."),
     (
@@ -106,6 +111,22 @@ LABELLED_COUNTERS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
         "reason",
         "Datagrams dropped without an answer, by reason.",
         ("malformed", "unanswerable", "ack", "stun-malformed", "rate-limited"),
+    ),
+    (
+        "refused.",
+        "refused",
+        "cap",
+        "New bindings refused by a cap: max-contacts (403), per-source (403), "
+        "registrar-full (503).",
+        ("max-contacts", "per-source", "registrar-full"),
+    ),
+    (
+        "auth.",
+        "auth",
+        "result",
+        "Digest authentication: challenges sent; ok; failures (wrong or unknown "
+        "credentials); replays (a nonce-count used again); wrong-aor (another user's AOR).",
+        ("challenges", "ok", "failures", "replays", "wrong-aor"),
     ),
 )
 

@@ -88,6 +88,20 @@ def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
         )
     else:
         lines.append("  rate limit          off")
+    perSource = settings.maxBindingsPerSource or "no limit"
+    total = settings.maxBindings or "no limit"
+    lines.append(
+        f"  binding caps        {settings.maxContacts} per AOR ({settings.contactsFull} past it), "
+        f"{perSource} per source IP, {total} in all"
+    )
+    if settings.auth == "off":
+        lines.append("  authentication      off: anyone may register any AOR")
+    else:
+        realm = settings.authRealm or "the host in To"
+        lines.append(
+            f"  authentication      {settings.auth} (digest {', '.join(settings.authAlgorithms)}, "
+            f"realm {realm}, credentials {settings.credentials or 'none'})"
+        )
     if settings.allow or settings.deny:
         lines.append(
             f"  may register        allow {', '.join(settings.allow) or 'any'}; "

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings
+from natkeep.guard import BindingCaps
 from natkeep.interfaces import IBindingStore, IExpiryPolicy, IListener, ISIPController
 from natkeep.nat import NatDetector
 from natkeep.outbox import Outbox
@@ -43,7 +44,7 @@ DEFAULT_EXPIRES = 3600
 
 #: Bounds that keep every 200 OK, which lists all of an AOR's Contacts,
 #: within one datagram: at most this many Contacts in one REGISTER (400
-#: past it), bindings per AOR (403), and characters of one Contact's URI
+#: past it), bindings per AOR (the most C{max_contacts} may say), and characters of one Contact's URI
 #: and parameters (400).  With a request of at most 16 KiB echoed, a 200 OK
 #: stays under 26 KiB, well inside UDP's 65 507 bytes.
 MAX_CONTACTS_PER_REQUEST = 16
@@ -72,8 +73,10 @@ class Registrar:
         nat: NatDetector = NatDetector(),
         store: Optional[IBindingStore] = None,
         stats: Optional[Counter[str]] = None,
+        caps: Optional[BindingCaps] = None,
     ) -> None:
         self.table = table
+        self.caps = BindingCaps() if caps is None else caps
         self.clock = clock
         self.outbox = outbox
         self.expiry = expiry
@@ -92,6 +95,13 @@ class Registrar:
         self.expiry = strategies.expiry
         self.minExpires = settings.minExpires
         self.nat = NatDetector(settings.natDetect)
+        self.caps.configure(
+            settings.maxContacts,
+            settings.contactsFull == "replace",
+            settings.maxBindingsPerSource,
+            settings.maxBindings,
+            settings.rateExempt,
+        )
 
     def requestReceived(
         self,
@@ -204,7 +214,9 @@ class Registrar:
             nat = viaNat or detector.contactBehindNat(uri.host, uri.port, source)
             changes[contact.uri] = (contact, expires, nat, existing)
         # The same Contact twice in one request: the last one says it.
-        self._checkFits(aor, changes)
+        for binding in self._checkFits(aor, source[0], changes):
+            self.table.remove(binding)
+            self.stats["bindings.replaced"] += 1
         for contact, expires, nat, existing in changes.values():
             if expires == 0:
                 if existing is not None:
@@ -245,19 +257,28 @@ class Registrar:
         self._registered(request, via, aor, source, listener, now)
 
     def _checkFits(
-        self, aor: str, changes: dict[str, tuple[NameAddr, int, bool, Optional[Binding]]]
-    ) -> None:
+        self,
+        aor: str,
+        host: str,
+        changes: dict[str, tuple[NameAddr, int, bool, Optional[Binding]]],
+    ) -> list[Binding]:
         """
-        Refuse changes that would let the AOR's 200 OK outgrow a datagram:
-        a Contact too long, or more bindings than an AOR may hold.
+        Refuse changes that would break a cap: a Contact too long for the
+        AOR's 200 OK to fit a datagram, more bindings than the AOR, the
+        source IP C{host} or the whole table may hold.
 
-        @raise SIPError: 400 or 403, naming the limit.
+        @return: the AOR's bindings the changes replace (the AOR is full,
+            and the caps say to replace), nearest to expiry first.
+        @raise SIPError: 400, 403 or 503, naming the limit.
         """
+        caps = self.caps
         added = 0
+        fromHost = 0
         for contact, expires, _, existing in changes.values():
             if expires == 0:
                 if existing is not None:
                     added -= 1
+                    fromHost -= existing.source[0] == host
                 continue
             length = len(contact.uri)
             if contact.params:
@@ -266,8 +287,34 @@ class Registrar:
                 raise SIPError("Contact Too Long")
             if existing is None:
                 added += 1
-        if added > 0 and self.table.countOf(aor) + added > MAX_CONTACTS_PER_AOR:
-            raise SIPError("Too Many Contacts For AOR", 403)
+                fromHost += 1
+            elif existing.source[0] != host:
+                fromHost += 1
+        table = self.table
+        replaced: list[Binding] = []
+        if added > 0:
+            over = table.countOf(aor) + added - min(caps.perAOR, MAX_CONTACTS_PER_AOR)
+            if over > 0:
+                kept = [b for b in table.lookup(aor) if b.uri not in changes]
+                if not caps.replace or over > len(kept):
+                    self.stats["refused.max-contacts"] += 1
+                    raise SIPError("Too Many Contacts For AOR", 403)
+                kept.sort(key=lambda b: b.expiresAt)
+                replaced = kept[:over]
+                fromHost -= sum(b.source[0] == host for b in replaced)
+        if (
+            fromHost > 0
+            and caps.perSource
+            and table.countFrom(host) + fromHost > caps.perSource
+            and caps.countsSource(host)
+        ):
+            self.stats["refused.per-source"] += 1
+            raise SIPError("Too Many Bindings From Source", 403)
+        grows = added - len(replaced)
+        if grows > 0 and caps.total and len(table) + grows > caps.total:
+            self.stats["refused.registrar-full"] += 1
+            raise SIPError("Registrar Full", 503, f"Retry-After: {caps.retryAfter}\r\n")
+        return replaced
 
     def _removeAll(self, aor: str, callId: str, cseq: int) -> None:
         bindings = self.table.lookup(aor)

@@ -153,8 +153,7 @@ def makeDigest(
         credentials = CredentialsFile(settings.credentials)
     except ValueError as e:
         raise ConfigError(f"credentials = {settings.credentials!r} is invalid: {e}")
-    realm = settings.realm or (sorted(settings.domains)[0] if settings.domains else None)
-    digest = Digest(clock, credentials, settings.authAlgorithms, realm, stats)
+    digest = Digest(clock, credentials, settings.authAlgorithms, settings.authRealm, stats)
     if previous is not None:
         digest.adopt(previous)
     return digest

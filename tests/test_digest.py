@@ -207,6 +207,21 @@ class RegisterAuthTests(AuthTestCase):
             self.assertEqual(code, 200)
         self.assertEqual(len(self.table), 1)
 
+    def test_spoofedSourceGetsOneSmallAnswer(self) -> None:
+        """
+        All a REGISTER without credentials draws, from whatever source it
+        claims, is one 401 under twice its size: no binding, so nothing
+        for heartbeats to aim at that address.  (The request is the
+        smallest a phone sends, the worst case for the ratio.)
+        """
+        request = register(user="1001")
+        self.protocol.datagramReceived(request, ("198.51.100.99", 5060))
+        [(out, address)] = self.wire.written
+        self.assertEqual(address, ("198.51.100.99", 5060))
+        self.assertTrue(out.startswith(b"SIP/2.0 401 "))
+        self.assertLess(len(out), 2 * len(request))
+        self.assertEqual(len(self.table), 0)
+
     def test_wrongPasswordAndUnknownUser(self) -> None:
         """
         A wrong password and an unknown user get the same answer: a fresh
@@ -344,16 +359,30 @@ class SippAuthTests(SynchronousTestCase):
         process.waitReady("127.0.0.1", self.port)
         self.process = process
 
-    def sipp(self, user: str, password: str) -> tuple[int, int]:
+    def sipp(
+        self, user: str, password: str, authUser: Optional[str] = None, final: int = 200
+    ) -> tuple[int, int]:
+        """
+        Run C{register_auth.xml} once as C{user}, answering the challenge
+        as C{authUser} (default C{user}) with C{password}, and expecting
+        C{final} to the answered REGISTER.
+
+        @return: sipp's (successful, failed) calls.
+        """
+        scenario = FilePath(os.path.join(SIPP_FOLDER, "register_auth.xml")).getContent()
+        expected = self.cwd.child(f"register_{final}.xml")
+        expected.setContent(
+            scenario.replace(b'<recv response="200" />', f'<recv response="{final}" />'.encode())
+        )
         result = subprocess.run(
             [
                 "sipp",
                 "-sf",
-                os.path.join(SIPP_FOLDER, "register_auth.xml"),
+                expected.path,
                 "-s",
                 user,
                 "-au",
-                user,
+                authUser or user,
                 "-ap",
                 password,
                 "-m",
@@ -378,13 +407,16 @@ class SippAuthTests(SynchronousTestCase):
     def test_registerWithSippCredentials(self) -> None:
         """
         Users registering with sipp's [authentication]: 401, then 200 for
-        each; with a wrong password, 401 again (the call fails); a stranger
-        the same.
+        each.  With a wrong password the answer is 401 again, and a
+        stranger gets the same; a user answering for another user's AOR
+        gets 403.
         """
         for n in (1, 2, 3):
             self.assertEqual(self.sipp(f"u{n}", f"pw{n}"), (1, 0))
         self.assertEqual(self.sipp("u1", "wrong"), (0, 1))
-        self.assertEqual(self.sipp("nobody", "pw1"), (0, 1))
+        self.assertEqual(self.sipp("u1", "wrong", final=401), (1, 0))
+        self.assertEqual(self.sipp("nobody", "pw1", final=401), (1, 0))
+        self.assertEqual(self.sipp("u1", "pw2", authUser="u2", final=403), (1, 0))
 
 
 class RelayAuthTests(AuthTestCase):

@@ -1,21 +1,33 @@
 """
 Tests for L{natkeep.guard}: the per-source rate limit, the allow/deny
-lists and the Server header, in-process and over real sockets.
+lists, the binding caps and the Server header, in-process and over real sockets.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
 from collections import Counter
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from natkeep.config import ConfigError, Settings, buildSettings
+from natkeep.digest import credentialsLine
 from natkeep.guard import SourceFilter, SourceLimiter
+from natkeep.sip import Response
+from natkeep.strategies import makeStrategies
 from natkeep.testing import register
 
-from .helpers import MemoryEdgeTestCase, startDevice
+from .helpers import MemoryEdgeTestCase, freePort, startDevice
+from .processes import NatkeepProcess
+from .test_registrar import PHONE, RegistrarTestCase
 from .test_udp import ServiceTestCase
 
 
@@ -195,3 +207,285 @@ class FloodTests(ServiceTestCase):
         clock.advance(10 - clock.seconds() % 10)
         data, _ = yield existing.next()
         self.assertEqual(data, b"HELLO")
+
+
+class CapsTests(RegistrarTestCase):
+    """
+    The binding caps: per AOR (replace or refuse), per source IP, in all.
+    """
+
+    def assertAnswered(
+        self, data: bytes, code: int, reason: str, source: tuple[str, int] = PHONE
+    ) -> Response:
+        response = self.send(data, source)
+        assert response is not None
+        self.assertEqual((response.code, response.reason), (code, reason))
+        return response
+
+    def fill(self, count: int, user: str = "1001", source: tuple[str, int] = PHONE) -> None:
+        for n in range(count):
+            # Each registered a second later, so that expiry orders them.
+            self.clock.advance(1)
+            self.assertAnswered(
+                register(user, callId=f"c{n}", contacts=[f"<sip:{n}@10.0.0.9>"]),
+                200,
+                "OK",
+                source,
+            )
+
+    def test_replaceNearestExpiry(self) -> None:
+        """
+        Past C{max_contacts}, a new Contact replaces the binding nearest to
+        expiry; a refreshed one is kept, and the 200 OK lists the AOR's
+        bindings as they now are.
+        """
+        self.registrar.caps.configure(3, True, 0, 0)
+        self.fill(3)
+        self.clock.advance(1)
+        # Refreshing the first makes the second the nearest to expiry.
+        self.assertAnswered(register(callId="c0", contacts=["<sip:0@10.0.0.9>"]), 200, "OK")
+        response = self.assertAnswered(
+            register(callId="new", contacts=["<sip:new@10.0.0.9>"]), 200, "OK"
+        )
+        self.assertEqual(
+            sorted(self.contacts(response)),
+            ["sip:0@10.0.0.9", "sip:2@10.0.0.9", "sip:new@10.0.0.9"],
+        )
+        self.assertEqual(self.stats["bindings.replaced"], 1)
+        self.assertEqual(sorted(uri for _, uri in self.store.rows), sorted(self.contacts(response)))
+
+    def test_refuse(self) -> None:
+        """
+        With replacing off, past C{max_contacts} is 403 and changes
+        nothing; more new Contacts in one REGISTER than the cap is 403
+        even when replacing.
+        """
+        self.registrar.caps.configure(2, False, 0, 0)
+        self.fill(2)
+        self.assertAnswered(
+            register(callId="x", contacts=["<sip:x@10.0.0.9>"]), 403, "Too Many Contacts For AOR"
+        )
+        self.assertEqual(len(self.table), 2)
+        self.assertEqual(self.stats["refused.max-contacts"], 1)
+        self.registrar.caps.replace = True
+        three = [f"<sip:n{n}@10.0.0.9>" for n in range(3)]
+        self.assertAnswered(register(callId="x", contacts=three), 403, "Too Many Contacts For AOR")
+        self.assertEqual({b.uri for b in self.table}, {"sip:0@10.0.0.9", "sip:1@10.0.0.9"})
+
+    def test_perSource(self) -> None:
+        """
+        One source IP holds at most C{max_bindings_per_source} bindings,
+        whatever its ports and AORs: past it 403.  Another source still
+        registers; a source's own refreshes pass; removing one makes room;
+        an exempt source is not counted.
+        """
+        self.registrar.caps.configure(16, True, 3, 0, ["198.51.100.0/24"])
+        for n in range(3):
+            self.fill(1, user=f"u{n}", source=("192.0.2.9", 5000 + n))
+        refused = register("u9", contacts=["<sip:u9@10.0.0.9>"])
+        self.assertAnswered(refused, 403, "Too Many Bindings From Source", ("192.0.2.9", 6000))
+        self.assertEqual(self.stats["refused.per-source"], 1)
+        self.fill(1, user="u9", source=("192.0.2.10", 5000))
+        self.assertAnswered(
+            register("u0", callId="c0", cseq=2, contacts=["<sip:0@10.0.0.9>"]),
+            200,
+            "OK",
+            ("192.0.2.9", 5000),
+        )
+        # A binding moving to the full source is a new one for it.
+        self.assertAnswered(
+            register("u9", callId="c0", cseq=2, contacts=["<sip:0@10.0.0.9>"]),
+            403,
+            "Too Many Bindings From Source",
+            ("192.0.2.9", 5009),
+        )
+        self.assertAnswered(
+            register("u1", callId="c0", cseq=2, contacts=["<sip:0@10.0.0.9>;expires=0"]),
+            200,
+            "OK",
+            ("192.0.2.9", 5001),
+        )
+        self.assertAnswered(refused, 200, "OK", ("192.0.2.9", 6000))
+        self.assertEqual(self.table.countFrom("192.0.2.9"), 3)
+        for n in range(5):
+            self.fill(1, user=f"e{n}", source=("198.51.100.1", 5000))
+        self.assertEqual(self.table.countFrom("198.51.100.1"), 5)
+
+    def test_registrarFull(self) -> None:
+        """
+        Past C{max_bindings} a new binding is 503 with Retry-After, while
+        the bindings already held still refresh; a replacement within a
+        full AOR does not grow the table, so it passes.
+        """
+        self.registrar.caps.configure(2, True, 0, 3)
+        self.fill(2, user="a")
+        self.fill(1, user="b")
+        response = self.assertAnswered(
+            register("c", contacts=["<sip:c@10.0.0.9>"]), 503, "Registrar Full"
+        )
+        self.assertEqual(response.headers["retry-after"], ["60"])
+        self.assertEqual(self.stats["refused.registrar-full"], 1)
+        self.assertAnswered(
+            register("b", callId="c0", cseq=2, contacts=["<sip:0@10.0.0.9>"]), 200, "OK"
+        )
+        self.assertAnswered(register("a", callId="z", contacts=["<sip:z@10.0.0.9>"]), 200, "OK")
+        self.assertEqual(len(self.table), 3)
+
+    def test_perSourceCountFollowsTable(self) -> None:
+        """
+        The per-source count follows every way a binding leaves or moves:
+        removal, expiry and a refresh from elsewhere.
+        """
+        self.fill(2, source=("192.0.2.9", 5000))
+        self.assertEqual(self.table.countFrom("192.0.2.9"), 2)
+        self.assertAnswered(
+            register(callId="c0", cseq=2, contacts=["<sip:0@10.0.0.9>"]),
+            200,
+            "OK",
+            ("192.0.2.77", 5000),
+        )
+        self.assertEqual(
+            (self.table.countFrom("192.0.2.9"), self.table.countFrom("192.0.2.77")), (1, 1)
+        )
+        self.table.sweep(self.clock.seconds() + 10_000)
+        self.assertEqual(
+            (self.table.countFrom("192.0.2.9"), self.table.countFrom("192.0.2.77")), (0, 0)
+        )
+
+    def test_config(self) -> None:
+        """
+        The caps come from settings; bad values name the key and range.
+        """
+        settings = buildSettings(
+            {
+                "max_contacts": "4",
+                "contacts_full": "refuse",
+                "max_bindings_per_source": "10",
+                "max_bindings": "0",
+            },
+            {},
+        )
+        self.registrar.configure(settings, makeStrategies(settings))
+        caps = self.registrar.caps
+        self.assertEqual((caps.perAOR, caps.replace, caps.perSource, caps.total), (4, False, 10, 0))
+        for key, value, allowed in (
+            ("max_contacts", "17", "1..16"),
+            ("contacts_full", "drop", "replace, refuse"),
+            ("max_bindings", "-1", "0..100000000"),
+        ):
+            with self.assertRaises(ConfigError) as raised:
+                buildSettings({key: value}, {})
+            self.assertIn(key, str(raised.exception))
+            self.assertIn(allowed, str(raised.exception))
+
+
+def haveSipvicious() -> bool:
+    return shutil.which("svwar") is not None and shutil.which("svcrack") is not None
+
+
+class SipviciousTests(SynchronousTestCase):
+    """
+    Debian's sipvicious against a natkeep with C{auth = register} on
+    loopback: the scanner finds no extension, and the cracker is cut by
+    the rate limit, where the same run with the limit reloaded away (the
+    control) cracks the same password.  (svcrack 0.3.3 ignores C{-b}, so
+    the tools send from 127.0.0.1, which the limit here does not exempt.)
+    """
+
+    PASSWORD = "1190"
+
+    def setUp(self) -> None:
+        if not haveSipvicious():
+            raise SkipTest("sipvicious is not installed (Debian's sipvicious; .ci/run installs it)")
+        self.cwd = FilePath(self.mktemp())
+        self.cwd.makedirs()
+        users = self.cwd.child("users")
+        # svcrack answers MD5 challenges only.
+        users.setContent(credentialsLine("1050", "example.com", self.PASSWORD, "MD5").encode())
+        self.config = self.cwd.child("natkeep.conf")
+        self.limit("rate_limit = 20\nrate_burst = 40\n")
+        self.port = freePort(host="127.0.0.42")
+        # A free UDP port number is as good a guess for TCP as any.
+        self.web = freePort(host="127.0.0.42")
+        self.process = NatkeepProcess(
+            [
+                "--config",
+                self.config.path,
+                "--listen",
+                f"127.0.0.42:{self.port}",
+                "--status",
+                f"127.0.0.42:{self.web}",
+                "--db",
+                ":memory:",
+                "--auth",
+                "register",
+                "--credentials",
+                users.path,
+                "--realm",
+                "example.com",
+                "--auth-algorithms",
+                "MD5",
+            ],
+            self.cwd.path,
+        )
+        self.addCleanup(self.process.stop)
+        self.process.waitReady("127.0.0.42", self.port)
+
+    def limit(self, lines: str) -> None:
+        self.config.setContent(f"rate_exempt =\n{lines}".encode())
+
+    def counters(self) -> dict[str, int]:
+        url = f"http://127.0.0.42:{self.web}/status"
+        with urllib.request.urlopen(url, timeout=5) as page:
+            status = json.loads(page.read())
+        counters: dict[str, int] = status["counters"]
+        counters["bindings"] = status["bindings"]
+        return counters
+
+    def attack(self, tool: str, *args: str) -> str:
+        result = subprocess.run(
+            [tool, "-p", str(self.port), "--domain", "example.com", *args, "127.0.0.42"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            stdin=subprocess.DEVNULL,
+            cwd=self.cwd.path,
+        )
+        return result.stdout + result.stderr
+
+    def test_svwarFindsNothing(self) -> None:
+        """
+        C{svwar --force} over a range holding the one real user reports no
+        extension: every REGISTER, for a user or not, gets the same 401.
+        """
+        output = self.attack("svwar", "--force", "-e1000-1100", "--maximumtime", "5")
+        self.assertIn("found nothing", output)
+        self.assertNotIn("1050", output)
+        counters = self.counters()
+        self.assertEqual(counters["bindings"], 0)
+        self.assertGreater(counters["responses.sent.401"], 0)
+        self.assertEqual(counters.get("auth.ok", 0), 0)
+
+    def test_svcrackCutByRateLimit(self) -> None:
+        """
+        C{svcrack} over 1000..1300 gets no more answers than the burst and
+        20 a second allow, most of what it sends is dropped, and it gives up
+        without the password (at 1190).  With the limit off (reloaded), the
+        same run finds it: the limit is what stopped the first.
+        """
+        started = time.monotonic()
+        output = self.attack("svcrack", "-u", "1050", "-r", "1000-1300", "--maximumtime", "3")
+        elapsed = time.monotonic() - started
+        self.assertIn("found nothing", output)
+        self.assertNotIn(self.PASSWORD, output)
+        counters = self.counters()
+        answered = counters["responses.sent.401"]
+        self.assertLessEqual(answered, 40 + 20 * elapsed + 5)
+        self.assertGreater(counters["dropped.rate-limited"], answered)
+        self.assertEqual((counters["bindings"], counters.get("auth.ok", 0)), (0, 0))
+        self.limit("rate_limit = 0\n")
+        self.process.process.send_signal(signal.SIGHUP)
+        self.process.waitLog("Reloaded settings")
+        control = self.attack("svcrack", "-u", "1050", "-r", "1000-1300", "--maximumtime", "3")
+        self.assertRegex(control, r"\|\s*1050\s*\|\s*1190\s*\|")
+        self.assertEqual(self.counters()["bindings"], 1)

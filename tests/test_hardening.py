@@ -252,10 +252,11 @@ class ResponseSizeTests(HardeningTestCase):
 
     def test_aorFull(self) -> None:
         """
-        An AOR holds at most its limit of bindings: one more is a 403, a
-        refresh of one it holds is still a 200, and after one leaves the
-        new one fits.
+        With C{contacts_full = refuse}, an AOR holds at most its limit of
+        bindings: one more is a 403, a refresh of one it holds is still a
+        200, and after one leaves the new one fits.
         """
+        self.registrar.caps.replace = False
         limit = registrar.MAX_CONTACTS_PER_AOR
         for n in range(limit):
             self.assertAnswered(register(cseq=n + 1, contacts=[f"<sip:{n}@10.0.0.9>"]), 200, "OK")

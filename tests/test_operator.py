@@ -374,6 +374,13 @@ class CommandTests(SynchronousTestCase):
         )
         self.assertEqual(result.stdout, twistd.stdout)
         self.assertIn("1000", result.stdout)
+        # The guard's limits are part of the plan.
+        self.assertIn("rate limit          200/s per source IP, burst 400", result.stdout)
+        self.assertIn(
+            "binding caps        16 per AOR (replace past it), 1000 per source IP, 1000000 in all",
+            result.stdout,
+        )
+        self.assertIn("authentication      off", result.stdout)
         bad = cwd.child("bad.conf")
         bad.setContent(b"SS_SIP_NAT_KEEP_ALIVE_PERIOD = 5\n")
         refused = natkeepCommand("--config", bad.path, "check")

@@ -67,6 +67,11 @@ class StatusTests(SynchronousTestCase):
         self.assertIn('natkeep_requests_total{method="REGISTER"} 7.0\n', text)
         self.assertIn('natkeep_requests_total{method="OPTIONS"} 0.0\n', text)
         self.assertIn("natkeep_heartbeats_unreachable_total 0.0\n", text)
+        # The guard's counters, each with its own HELP, from the start.
+        self.assertIn('natkeep_dropped_total{reason="rate-limited"} 0.0\n', text)
+        self.assertIn('natkeep_refused_total{cap="registrar-full"} 0.0\n', text)
+        self.assertIn('natkeep_auth_total{result="failures"} 0.0\n', text)
+        self.assertIn("# HELP natkeep_auth_total Digest authentication", text)
         self.assertIn("natkeep_last_cycle_missed 2.0\n", text)
         self.assertIn("natkeep_last_cycle_duration_seconds 1.5\n", text)
         self.assertIn('natkeep_build_info{implementation="CPython"', text)
