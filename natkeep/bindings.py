@@ -83,6 +83,9 @@ class Binding:
     @ivar cseq: CSeq number of that REGISTER.
     @ivar phase: a number unique within the table, stable for the binding's
         life; pacers use it to place the binding in a cycle.
+    @ivar upstreamUntil: with C{register_mode = forward}, when the
+        upstream's registration of this Contact runs out (0: unknown, as
+        after a restart, so the next refresh goes upstream).
     """
 
     aor: str
@@ -95,6 +98,7 @@ class Binding:
     callId: str
     cseq: int
     phase: int = 0
+    upstreamUntil: float = 0.0
 
 
 def storedRow(binding: Binding) -> tuple[str, str, str, str, int, str, bool, float, str, int]:

@@ -383,6 +383,27 @@ PARAMETERS: tuple[Parameter, ...] = (
         "Sources besides registered devices and the upstream whose requests are relayed.",
     ),
     Parameter(
+        "register_mode",
+        "register-mode",
+        "registerMode",
+        "local",
+        _oneOf("local", "forward"),
+        "local or forward",
+        "local: natkeep is the registrar.  forward: REGISTERs go on to upstream with "
+        "Path (the upstream authenticates), and refreshes that change nothing are "
+        "answered by natkeep.",
+    ),
+    Parameter(
+        "upstream_expires",
+        "upstream-expires",
+        "upstreamExpires",
+        3600,
+        _integer(60, 86400),
+        "60..86400 s",
+        "With register_mode = forward: the registration natkeep asks of the upstream; "
+        "a device's refreshes reach it about once per this.",
+    ),
+    Parameter(
         "rate_limit",
         "rate-limit",
         "rateLimit",
@@ -676,6 +697,8 @@ class Settings:
     upstream: Optional[str] = _DEFAULTS["upstream"]
     domains: frozenset[str] = _DEFAULTS["domains"]
     trusted: tuple[str, ...] = _DEFAULTS["trusted"]
+    registerMode: str = _DEFAULTS["registerMode"]
+    upstreamExpires: int = _DEFAULTS["upstreamExpires"]
     rateLimit: int = _DEFAULTS["rateLimit"]
     rateBurst: int = _DEFAULTS["rateBurst"]
     rateExempt: tuple[str, ...] = _DEFAULTS["rateExempt"]
@@ -802,6 +825,14 @@ def buildSettings(fileValues: Mapping[str, str], cliValues: Mapping[str, object]
         raise ConfigError(
             f"auth = {settings.auth} needs credentials = PATH (natkeep passwd prints its lines)"
         )
+    if settings.registerMode == "forward":
+        if settings.upstream is None:
+            raise ConfigError("register_mode = forward needs upstream = sip:HOST[:PORT]")
+        if settings.auth != "off":
+            raise ConfigError(
+                f"auth = {settings.auth} is invalid with register_mode = forward: the "
+                "upstream authenticates (allowed: off)"
+            )
     if settings.minExpires > min(settings.endpointExpire, settings.endpointNatExpire):
         raise ConfigError(
             f"min_expires = {settings.minExpires} is invalid: allowed at most "

@@ -75,6 +75,21 @@ PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "relay_responses_unknown",
         "Responses with natkeep's relay Via that natkeep did not cause, dropped.",
     ),
+    (
+        "forward.sent",
+        "register_forwarded",
+        "REGISTERs sent on to the upstream (register_mode = forward).",
+    ),
+    (
+        "forward.absorbed",
+        "register_absorbed",
+        "Refreshes natkeep answered without the upstream (register_mode = forward).",
+    ),
+    (
+        "forward.timeouts",
+        "upstream_timeouts",
+        "REGISTERs the upstream did not answer in time (503, or the held binding's 200).",
+    ),
     ("register.denied", "register_denied", "REGISTERs refused (403) by the allow/deny lists."),
     ("store.errors", "store_errors", "Failed commits of the binding store."),
     ("send.errors", "send_errors", "SIP responses the kernel refused to send."),

@@ -5,6 +5,7 @@ mean for a deployment of a given size.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional, TextIO
 
@@ -80,6 +81,10 @@ def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
         lines.append(f"  domains served      {domains}")
         trusted = ", ".join(settings.trusted) or "none"
         lines.append(f"  trusted networks    {trusted}")
+    if settings.registerMode == "forward":
+        lines.extend(forwardLoad(settings, count))
+    else:
+        lines.append("  registration        local: natkeep is the registrar")
     if settings.rateLimit:
         exempt = ", ".join(settings.rateExempt) or "none"
         lines.append(
@@ -114,3 +119,24 @@ def printPlan(settings: Settings, devices: Optional[str], out: TextIO) -> int:
         lines.append("  no warnings")
     out.write("\n".join(lines) + "\n")
     return 0
+
+
+def forwardLoad(settings: Settings, count: int) -> list[str]:
+    """
+    What forward mode spares the upstream: C{count} NATed devices each
+    refreshing every SS_ENDPOINT_NAT_EXPIRE, of which natkeep forwards the
+    one that finds the upstream's registration nearly out.
+    """
+    from natkeep.forward import MARGIN
+
+    every = settings.endpointNatExpire
+    # Refreshes until one finds less than its own grant and the margin left.
+    oneIn = max(1, math.ceil((settings.upstreamExpires - every - MARGIN) / every))
+    local = count / every
+    return [
+        f"  registration        forward to {settings.upstream} with Path; asks "
+        f"{settings.upstreamExpires} s of it",
+        f"  upstream load       {count} devices refreshing every {every} s: "
+        f"{local:.1f} REGISTER/s at natkeep, {local / oneIn:.2f}/s upstream "
+        f"(1 refresh in {oneIn}; {3600 / (oneIn * every):.2f} per device per hour)",
+    ]

@@ -45,9 +45,11 @@ from zope.interface import implementer
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings, isWildcard
 from natkeep.digest import CredentialsFile, Digest
+from natkeep.forward import RegisterForwarder
 from natkeep.guard import SourceFilter
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
+from natkeep.registrar import Registrar
 from natkeep.sip import (
     URI,
     Request,
@@ -230,6 +232,8 @@ class Relay:
         #: Digest authentication, when C{auth} is on.
         self.digest: Optional[Digest] = None
         self.authAll = False
+        #: Forward mode's state, when C{register_mode = forward}.
+        self.forwarder: Optional[RegisterForwarder] = None
         self.upstream: Optional[tuple[str, int]] = None
         self.upstreamHost: Optional[str] = None
         self.domains: frozenset[str] = frozenset()
@@ -273,6 +277,15 @@ class Relay:
         self.upstreamHost = (
             parseURI(settings.upstream).host.lower() if settings.upstream is not None else None
         )
+        if settings.registerMode == "forward" and self.upstream is not None:
+            if self.forwarder is None:
+                assert isinstance(self.registrar, Registrar)
+                self.forwarder = RegisterForwarder(
+                    self.registrar, self.table, self.clock, self.outbox, self.stats
+                )
+            self.forwarder.upstreamExpires = settings.upstreamExpires
+        else:
+            self.forwarder = None
 
     # Who is who
 
@@ -352,6 +365,10 @@ class Relay:
                     # Authenticated, but not as the AOR's owner.
                     self.stats["auth.wrong-aor"] += 1
                     raise SIPError("Forbidden", 403)
+            forwarder = self.forwarder
+            if forwarder is not None and not forwarder.absorbs(request, source, listener):
+                self._forwardRegister(request, via, cseq, source, listener)
+                return
             self.registrar.requestReceived(request, via, cseq, source, listener)
             return
         if self.upstream is None:
@@ -369,17 +386,7 @@ class Relay:
     ) -> None:
         headers = request.headers
         method = request.method
-        forwards = MAX_FORWARDS
-        values = headers.get("max-forwards")
-        if values:
-            try:
-                forwards = int(values[0])
-                if not 0 <= forwards <= 255:
-                    raise ValueError
-            except ValueError:
-                raise SIPError("Invalid Max-Forwards")
-            if forwards == 0:
-                raise SIPError("Too Many Hops", 483)
+        forwards = _maxForwards(request)
         vias = splitValues(headers["via"])
         loopKey = self._loopKey(request)
         mark = "." + loopKey
@@ -422,6 +429,10 @@ class Relay:
             if not 0 <= index < len(self.listeners):
                 raise SIPError("Unknown Flow", 400)
             destination = (self.listeners[index], address)
+            if initial:
+                # Along a Path (forward mode): the dialog must come back
+                # through the same flow.
+                recordFlow = self.tokens.encode(index, address)
         elif flow is not None or fromDevice:
             # From a device: to another device of ours, else onward by the
             # Route set, else to the upstream.
@@ -458,19 +469,9 @@ class Relay:
             raise SIPError("Forbidden", 403)
 
         out, address = destination
-        inIndex = self.listeners.index(arrived)
-        sentBy = out.sentByNow() if out is arrived else out.sentBy
-        self._remember(sentBy)
-        # Symmetric responses (RFC 3581), whether or not rport was asked.
-        top = via.render(("received", "rport"), f";received={source[0]};rport={source[1]}")
-        branch = f"{BRANCH_PREFIX}{self._branchHash(top, inIndex)}.{loopKey}"
-        forwarded = dict(headers)
-        forwarded["via"] = [f"SIP/2.0/UDP {sentBy};branch={branch};nki={inIndex}", top] + vias[1:]
-        forwarded["max-forwards"] = [str(forwards - 1)]
-        if routes:
-            forwarded["route"] = routes
-        else:
-            forwarded.pop("route", None)
+        forwarded, _, sentBy = self._outgoing(
+            request, via, source, arrived, out, vias, loopKey, forwards, routes
+        )
         if initial and method not in _NO_RECORD_ROUTE:
             user = f"{recordFlow}@" if recordFlow else ""
             recorded = f"<sip:{user}{sentBy};lr>"
@@ -478,6 +479,85 @@ class Relay:
         data = renderMessage(f"{method} {target} SIP/2.0", forwarded, request.body)
         self.stats["relay.requests"] += 1
         self.outbox.send(out, data, address)
+
+    def _outgoing(
+        self,
+        request: Request,
+        via: Via,
+        source: tuple[str, int],
+        arrived: IListener,
+        out: IListener,
+        vias: list[str],
+        loopKey: str,
+        forwards: int,
+        routes: list[str],
+    ) -> tuple[dict[str, list[str]], str, str]:
+        """
+        The headers of C{request} as natkeep sends it on from C{out}: its
+        Via on top (the branch a hash of the one below, which gets
+        received and rport), Max-Forwards one less, the Route set left.
+
+        @return: the headers, natkeep's branch, and the sent-by written.
+        """
+        inIndex = self.listeners.index(arrived)
+        sentBy = out.sentByNow() if out is arrived else out.sentBy
+        self._remember(sentBy)
+        # Symmetric responses (RFC 3581), whether or not rport was asked.
+        top = via.render(("received", "rport"), f";received={source[0]};rport={source[1]}")
+        branch = f"{BRANCH_PREFIX}{self._branchHash(top, inIndex)}.{loopKey}"
+        forwarded = dict(request.headers)
+        forwarded["via"] = [f"SIP/2.0/UDP {sentBy};branch={branch};nki={inIndex}", top] + vias[1:]
+        forwarded["max-forwards"] = [str(forwards - 1)]
+        if routes:
+            forwarded["route"] = routes
+        else:
+            forwarded.pop("route", None)
+        return forwarded, branch, sentBy
+
+    def _forwardRegister(
+        self, request: Request, via: Via, cseq: int, source: tuple[str, int], arrived: IListener
+    ) -> None:
+        """
+        Send a device's REGISTER on to the upstream (forward mode), with a
+        Path whose flow token leads back to the device through the socket
+        it came in on (RFC 3327; C{ob} when the device asked for outbound,
+        RFC 5626), and each Contact asking for C{upstream_expires}.
+        """
+        forwarder = self.forwarder
+        assert forwarder is not None and self.upstream is not None
+        headers = request.headers
+        forwards = _maxForwards(request)
+        contacts = forwarder.upstreamContacts(request)
+        routes = splitValues(headers.get("route", []))
+        if routes and self._ours(parseURI(parseNameAddr(routes[0]).uri)):
+            routes.pop(0)
+        out = self._listenerFor(self.upstream[0])
+        forwarded, branch, sentBy = self._outgoing(
+            request,
+            via,
+            source,
+            arrived,
+            out,
+            splitValues(headers["via"]),
+            self._loopKey(request),
+            forwards,
+            routes,
+        )
+        token = self.tokens.encode(self.listeners.index(arrived), source)
+        outbound = any(
+            "reg-id=" in value.lower() for value in splitValues(headers.get("contact", []))
+        )
+        path = f"<sip:{token}@{sentBy};lr{';ob' if outbound else ''}>"
+        forwarded["path"] = [path] + headers.get("path", [])
+        supported = splitValues(headers.get("supported", []))
+        if "path" not in (value.lower() for value in supported):
+            forwarded["supported"] = supported + ["path"]
+        if contacts is not None:
+            forwarded["contact"] = contacts
+            forwarded.pop("expires", None)
+        forwarder.sent(branch, request, via, cseq, source, arrived)
+        data = renderMessage(f"REGISTER {request.uri} SIP/2.0", forwarded, request.body)
+        self.outbox.send(out, data, self.upstream)
 
     def _target(self, uri: URI) -> Binding:
         """
@@ -557,6 +637,8 @@ class Relay:
         except (SIPError, ValueError):
             self.stats["relay.responses.unknown"] += 1
             return True
+        if self.forwarder is not None and self.forwarder.responseReceived(response, branch):
+            return True
         host = nextVia.param("received") or nextVia.host
         rport = nextVia.param("rport")
         port = int(rport) if rport and rport.isdigit() else (nextVia.port or 5060)
@@ -566,6 +648,26 @@ class Relay:
         self.stats["relay.responses"] += 1
         self.outbox.send(self.listeners[index], data, (host, port))
         return True
+
+
+def _maxForwards(request: Request) -> int:
+    """
+    The Max-Forwards of C{request} (L{MAX_FORWARDS} when absent).
+
+    @raise SIPError: 400 when it is no number of 0..255, 483 when it is 0.
+    """
+    values = request.headers.get("max-forwards")
+    if not values:
+        return MAX_FORWARDS
+    try:
+        forwards = int(values[0])
+        if not 0 <= forwards <= 255:
+            raise ValueError
+    except ValueError:
+        raise SIPError("Invalid Max-Forwards")
+    if forwards == 0:
+        raise SIPError("Too Many Hops", 483)
+    return forwards
 
 
 def _toTag(request: Request) -> Optional[str]:

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from natkeep.testing import register, sippCounts
 
 from .helpers import freePort
+from .kamailio import KAMAILIO_MODULES, kamailioUnavailable, startKamailio
 from .natlab import DEVICE, PUBLIC, ROUTER_WAN, SERVER, NatLab, labUnavailable
 from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
 
@@ -410,8 +411,6 @@ request_route {{
 }}
 """
 
-KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
-
 
 class KamailioUpstreamTests(SynchronousTestCase):
     """
@@ -421,66 +420,23 @@ class KamailioUpstreamTests(SynchronousTestCase):
     def setUp(self) -> None:
         if not haveSipp():
             raise SkipTest("sipp is not installed (Debian's sip-tester; .ci/run installs it)")
-        if not (os.path.exists("/usr/sbin/kamailio") and os.path.isdir(KAMAILIO_MODULES)):
-            raise SkipTest("kamailio is not installed (Debian's kamailio; .ci/run installs it)")
+        reason = kamailioUnavailable()
+        if reason:
+            raise SkipTest(reason)
         self.cwd = FilePath(self.mktemp())
         self.cwd.makedirs()
 
-    def startKamailio(self, natkeepPort: int, port: int, farPort: int) -> subprocess.Popen[str]:
-        config = self.cwd.child("kamailio.cfg")
-        config.setContent(
-            KAMAILIO_CONFIG.format(
-                host="127.0.0.24",
-                port=port,
-                modules=KAMAILIO_MODULES,
-                natkeepHost="127.0.0.1",
-                natkeepPort=natkeepPort,
-                farHost="127.0.0.25",
-                farPort=farPort,
-            ).encode("utf-8")
+    def startKamailio(self, natkeepPort: int, port: int, farPort: int) -> None:
+        config = KAMAILIO_CONFIG.format(
+            host="127.0.0.24",
+            port=port,
+            modules=KAMAILIO_MODULES,
+            natkeepHost="127.0.0.1",
+            natkeepPort=natkeepPort,
+            farHost="127.0.0.25",
+            farPort=farPort,
         )
-        runtime = self.cwd.child("run")
-        runtime.makedirs()
-        log = open(self.cwd.child("kamailio.log").path, "w")
-        self.addCleanup(log.close)
-        process = subprocess.Popen(
-            ["/usr/sbin/kamailio", "-DD", "-E", "-f", config.path, "-Y", runtime.path],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-        self.addCleanup(stop)
-        # Ready when it answers an OPTIONS (404 or any answer will do).
-        deadline = time.monotonic() + 20
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.26", 0))
-            probe.settimeout(0.2)
-            while time.monotonic() < deadline:
-                if process.poll() is not None:
-                    raise AssertionError(self.cwd.child("kamailio.log").getContent().decode())
-                probe.sendto(
-                    b"OPTIONS sip:127.0.0.24 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.26:9;rport;branch=z9hG4bKk"
-                    b"\r\nFrom: <sip:p@x>;tag=1\r\nTo: <sip:127.0.0.24>;tag=2\r\nCall-ID: k\r\n"
-                    b"CSeq: 1 OPTIONS\r\nMax-Forwards: 5\r\nContent-Length: 0\r\n\r\n",
-                    ("127.0.0.24", port),
-                )
-                try:
-                    if probe.recv(4096).startswith(b"SIP/2.0"):
-                        return process
-                except OSError:
-                    continue
-        raise AssertionError("kamailio did not answer")
+        startKamailio(self, self.cwd, config, ("127.0.0.24", port), "127.0.0.26")
 
     def test_callsBothWays(self) -> None:
         """
