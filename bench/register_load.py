@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,11 +27,9 @@ from common import (  # noqa: E402
     KEEPS_UP_P50_MS,
     Natkeep,
     freePort,
-    loadSocket,
-    paced,
-    percentile,
     pin,
     ramp,
+    registerStep,
 )
 
 
@@ -57,51 +54,7 @@ def step(
 ) -> dict[str, float]:
     count = int(rate * seconds)
     datagrams = [registerBytes(f"{tag}x{n}", server[1]) for n in range(count)]
-    sentAt: dict[bytes, float] = {}
-    latencies: list[float] = []
-    s = loadSocket()
-    ok = 0
-
-    def drain() -> bool:
-        nonlocal ok
-        while True:
-            try:
-                data = s.recv(4096)
-            except BlockingIOError:
-                return bool(sentAt)
-            if data.startswith(b"SIP/2.0 200"):
-                start = data.find(b"\r\nCall-ID: ") + 11
-                callId = data[start : data.find(b"\r\n", start)]
-                sent = sentAt.pop(callId, None)
-                if sent is not None:
-                    ok += 1
-                    latencies.append(time.monotonic() - sent)
-
-    def sendOne(index: int) -> None:
-        data = datagrams[index]
-        start = data.find(b"Call-ID: ") + 9
-        sentAt[data[start : data.find(b"\r\n", start)]] = time.monotonic()
-        try:
-            s.sendto(data, server)
-        except BlockingIOError:
-            pass
-
-    cpuBefore = natkeep.cpuSeconds()
-    index, elapsed = paced(count, rate, seconds, sendOne, drain)
-    cpu = natkeep.cpuSeconds() - cpuBefore
-    s.close()
-    latencies.sort()
-
-    return {
-        "rate": rate,
-        "sent": index,
-        "ok": ok,
-        "success": ok / max(index, 1),
-        "achieved_per_s": index / max(elapsed - 2.0, seconds) if index else 0.0,
-        "p50_ms": percentile(latencies, 0.50),
-        "p99_ms": percentile(latencies, 0.99),
-        "cpu_us_per_register": cpu / max(ok, 1) * 1e6,
-    }
+    return registerStep(server, datagrams, rate, seconds, natkeep)
 
 
 def main() -> None:

@@ -354,6 +354,7 @@ class SIPProtocol(DatagramProtocol):
         self.controller = controller
         self.outbox = outbox
         self.clock = clock
+        self._icmpLogged: dict[tuple[str, int], float] = {}
         self.stats = stats
         self.onResponse = onResponse
         self.onResponseDatagram = onResponseDatagram
@@ -436,13 +437,22 @@ class SIPProtocol(DatagramProtocol):
         if not error.unreachable:
             return
         self.stats["icmp.unreachable"] += 1
-        log.debug(
-            "ICMP error {errno} (type {type} code {code}) for {destination}",
-            errno=error.errno,
-            type=error.type,
-            code=error.code,
-            destination=error.destination,
-        )
+        # Logged once a minute per destination: an unreachable upstream
+        # under load draws one ICMP error per datagram sent to it.
+        now = self.clock.seconds()
+        last = self._icmpLogged.get(error.destination)
+        if last is None or now - last >= 60:
+            if len(self._icmpLogged) >= 1024:
+                self._icmpLogged.clear()
+            self._icmpLogged[error.destination] = now
+            log.debug(
+                "ICMP error {errno} (type {type} code {code}) for {destination}; "
+                "more for it counted, not logged, for a minute",
+                errno=error.errno,
+                type=error.type,
+                code=error.code,
+                destination=error.destination,
+            )
         if self.onUnreachable is not None:
             self.onUnreachable(self, error.destination)
 

@@ -12,6 +12,7 @@ import struct
 
 from twisted.internet import defer, reactor, udp
 from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from natkeep import icmp
@@ -169,6 +170,9 @@ class ListeningPortTests(ServiceTestCase):
         """
         service = self.startService()
         [protocol] = service.protocols.values()
+        logged: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         port = protocol.transport
         self.assertIsInstance(port, udp.Port)
         self.assertTrue(port.reportsErrors)
@@ -183,6 +187,9 @@ class ListeningPortTests(ServiceTestCase):
         self.assertIn(port, reactor.getReaders())  # type: ignore[attr-defined]
         self.assertGreater(service.stats["icmp.errors"], 1000)
         self.assertEqual(service.stats["icmp.errors"], service.stats["icmp.unreachable"])
+        # Logged once per destination, not once per error.
+        icmpLines = [e for e in logged if "ICMP error" in str(e.get("log_format", ""))]
+        self.assertTrue(0 < len(icmpLines) <= len(dead), len(icmpLines))
         answers = [device.next(), device.next()]
         device.transport.write(register(user="9102", cseq=2), self.server)
         for answer in answers:
