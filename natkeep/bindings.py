@@ -279,10 +279,12 @@ class BindingTable:
         else:
             binding.expiresAt = expiresAt
 
-    def remove(self, binding: Binding) -> None:
+    def remove(self, binding: Binding, durable: bool = True) -> None:
         """
         Remove a binding now.  It is marked dead, so a heartbeat batch that
-        still holds it skips it.
+        still holds it skips it.  With C{durable} false the store is not
+        told: the binding leaves this node's table only (another node owns
+        it now).
         """
         contacts = self._aors.get(binding.aor)
         if contacts is None or contacts.get(binding.uri) is not binding:
@@ -296,7 +298,8 @@ class BindingTable:
         self._leave(binding.source[0])
         binding.expiresAt = DEAD
         self._count -= 1
-        self.removed(binding)
+        if durable:
+            self.removed(binding)
 
     def _leave(self, host: str) -> None:
         left = self._perHost[host] - 1

@@ -541,8 +541,9 @@ PARAMETERS: tuple[Parameter, ...] = (
         "db",
         "natkeep.sqlite",
         _text,
-        "a file path",
-        "SQLite file the bindings are kept in.",
+        "an SQLite file path, or a postgresql:// URI",
+        "Where bindings are kept: an SQLite file, or a PostgreSQL database that "
+        "several nodes may share (postgresql:///natkeep?host=/run/postgresql).",
     ),
     Parameter(
         "status",

@@ -284,6 +284,39 @@ class IBindingStore(Interface):
         buffered for the next commit.
         """
 
+    def takeWrites() -> tuple[dict[tuple[str, str], Binding], set[tuple[str, str]]]:
+        """
+        Hand over the buffered writes (puts by key, deleted keys), for a
+        commit made elsewhere (on the writer thread), and start a new
+        buffer.
+        """
+
+    def restoreWrites(puts: dict[tuple[str, str], Binding], deletes: set[tuple[str, str]]) -> None:
+        """
+        Put back writes a failed commit took, under any made since.
+        """
+
+    def write(rows: Sequence[tuple[Any, ...]], deletes: Iterable[tuple[str, str]]) -> None:
+        """
+        Delete C{deletes} and upsert C{rows} (L{StoredBinding} field order)
+        in one transaction.  The only call that may run off the reactor
+        thread (one at a time); it touches no binding.
+
+        @raise Exception: when nothing of it was written.
+        """
+
+    def verify() -> Optional[str]:
+        """
+        L{None} while the store is the one opened; else what happened to it
+        (a database file deleted or replaced underneath), for a log line.
+        """
+
+    def reopen() -> None:
+        """
+        Open the store afresh after L{verify} found it gone; the caller
+        writes every binding again.
+        """
+
     def count(now: float, natOnly: bool = False) -> int:
         """
         How many committed bindings are alive at C{now} (only those behind

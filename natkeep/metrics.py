@@ -92,6 +92,11 @@ PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ),
     ("register.denied", "register_denied", "REGISTERs refused (403) by the allow/deny lists."),
     ("store.errors", "store_errors", "Failed commits of the binding store."),
+    (
+        "store.rewrites",
+        "store_rewrites",
+        "Times the database was found deleted or replaced and written anew from memory.",
+    ),
     ("send.errors", "send_errors", "SIP responses the kernel refused to send."),
     ("internal.errors", "internal_errors", "Datagrams lost to an unexpected error."),
 )
@@ -201,6 +206,22 @@ def _gauges(data: Mapping[str, Any]) -> Iterable[Metric]:
     yield GaugeMetricFamily("natkeep_bindings", "Bindings in the table.", data.get("bindings", 0))
     yield GaugeMetricFamily(
         "natkeep_nat_bindings", "Bindings behind NAT.", data.get("nat_bindings", 0)
+    )
+    store = data.get("store") or {}
+    yield GaugeMetricFamily(
+        "natkeep_store_queue",
+        "REGISTER answers waiting for a commit of the binding store.",
+        store.get("queue", 0),
+    )
+    yield GaugeMetricFamily(
+        "natkeep_store_lag_seconds",
+        "How long the oldest answer waiting for a commit has waited.",
+        store.get("lag_seconds", 0.0),
+    )
+    yield GaugeMetricFamily(
+        "natkeep_store_failing",
+        "1 while the last commit of the binding store failed, else 0.",
+        1 if store.get("last_error") else 0,
     )
     settings = data.get("settings", {})
     yield GaugeMetricFamily(

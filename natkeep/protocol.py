@@ -89,6 +89,7 @@ _ERROR_COST = 64
 
 #: Linux's options for the local address a datagram arrived on.
 _IP_PKTINFO = 8
+_IP_FREEBIND = 15
 _IPV6_RECVPKTINFO = 49
 _IPV6_PKTINFO = 50
 _PKTINFO_SPACE = socket.CMSG_SPACE(20)
@@ -125,6 +126,17 @@ class ListeningPort(udp.Port):
     localAddress: Optional[str] = None
 
     _pktinfo = False
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = super().createInternetSocket()
+        if not isWildcard(self.interface):
+            # A standby binds a floating address before it comes (see
+            # natkeep.owner); a typo is reported as an address not held.
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+            except OSError:
+                pass
+        return sock
 
     def _bindSocket(self) -> None:
         super()._bindSocket()  # type: ignore[no-untyped-call]

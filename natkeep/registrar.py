@@ -145,6 +145,9 @@ class Registrar:
         source: tuple[str, int],
         listener: IListener,
     ) -> None:
+        if self.outbox.congested():
+            # The store is far behind: turn away rather than queue.
+            raise SIPError("Store Busy", 503, "Retry-After: 5\r\n")
         headers = request.headers
         to = parseNameAddr(headers["to"][0])
         try:

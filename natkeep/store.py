@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 from zope.interface import implementer
 
 from natkeep.bindings import Binding, StoredBinding, storedRow
 from natkeep.interfaces import IBindingStore
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 #: The steps that take a database from version N to N+1, at index N.
 MIGRATIONS: tuple[str, ...] = (
@@ -51,6 +54,11 @@ MIGRATIONS: tuple[str, ...] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+#: Seconds a commit waits for another process's lock on the database
+#: before it fails.  Commits wait on the store's thread, not the reactor's;
+#: the answers they hold wait with them.
+BUSY_TIMEOUT = 20.0
+
 #: The columns in L{StoredBinding}'s field order.
 _COLUMNS = "aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq"
 
@@ -71,10 +79,18 @@ class StoreError(Exception):
     """
 
 
+#: A store row: L{StoredBinding}'s fields, in order.
+Row = tuple[str, str, str, str, int, str, bool, float, str, int]
+
+
 class WriteBuffer:
     """
     The changes of a reactor turn, waiting for a commit: the latest put of
     each binding, and the deletions.  Every store keeps its writes here.
+
+    A store that inherits it provides L{write}, the one step that touches
+    the database; L{commit} takes the buffer and writes it, keeping it on
+    failure.
     """
 
     def __init__(self) -> None:
@@ -115,6 +131,23 @@ class WriteBuffer:
         self._puts = puts
         self._deletes |= deletes
 
+    def write(self, rows: Sequence[Row], deletes: Iterable[tuple[str, str]]) -> None:
+        raise NotImplementedError()
+
+    def commit(self) -> None:
+        """
+        Write the buffered changes in one transaction; when that fails they
+        stay buffered for the next commit, and the error is raised.
+        """
+        puts, deletes = self.takeWrites()
+        try:
+            # Values are read now, so several changes in one turn cost one
+            # row write.
+            self.write([storedRow(b) for b in puts.values()], deletes)
+        except BaseException:
+            self.restoreWrites(puts, deletes)
+            raise
+
 
 @implementer(IBindingStore)
 class SQLiteStore(WriteBuffer):
@@ -127,14 +160,33 @@ class SQLiteStore(WriteBuffer):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.location = path
+        self._open()
+
+    def _open(self) -> None:
+        path = self.location
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)
+            # The writer thread uses the connection, one call at a time.
+            self._db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
             self._db.execute("SELECT count(*) FROM bindings").fetchone()
-        except sqlite3.Error as e:
+            # A write now, so that a file natkeep may read but not write is
+            # refused at start, not at the first REGISTER.
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("COMMIT")
+        except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot use binding database {path}: {e}")
+        identity = (0, 0)
+        if path != ":memory:":
+            try:
+                info = os.stat(path)
+                identity = (info.st_dev, info.st_ino)
+            except OSError:
+                pass
+        self._identity = identity
 
     def _migrate(self) -> None:
         """
@@ -164,7 +216,8 @@ class SQLiteStore(WriteBuffer):
                 db.execute(f"PRAGMA user_version={step + 1}")
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
 
     def load(self, now: float) -> Iterator[StoredBinding]:
@@ -174,24 +227,60 @@ class SQLiteStore(WriteBuffer):
         for row in cursor:
             yield make(row)
 
-    def commit(self) -> None:
-        puts, deletes = self.takeWrites()
+    def write(self, rows: Sequence[Row], deletes: Iterable[tuple[str, str]]) -> None:
+        """
+        Delete C{deletes} and upsert C{rows} in one transaction.  Safe to
+        call from the store's writer thread, one call at a time.
+
+        @raise StoreError: naming the file and SQLite's reason (a full disk,
+            an I/O error, a lock held too long); nothing of it is written.
+        """
         db = self._db
         try:
             db.execute("BEGIN")
-            if deletes:
-                db.executemany("DELETE FROM bindings WHERE aor = ? AND uri = ?", deletes)
-            if puts:
-                # Values are read now, so several changes in one turn
-                # cost one row write.
-                db.executemany(_UPSERT, [storedRow(b) for b in puts.values()])
+            db.executemany("DELETE FROM bindings WHERE aor = ? AND uri = ?", deletes)
+            if rows:
+                db.executemany(_UPSERT, rows)
             db.execute("COMMIT")
-        except BaseException:
+        except sqlite3.Error as e:
+            # SQLite may have rolled back already (a full disk does).
             if db.in_transaction:
-                db.execute("ROLLBACK")
-            # Keep the writes for the next attempt.
-            self.restoreWrites(puts, deletes)
-            raise
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise StoreError(f"cannot write binding database {self.location}: {e}") from e
+
+    def verify(self) -> Optional[str]:
+        """
+        Whether the database file is still the one opened: L{None}, else
+        what happened to it (deleted, or replaced by another file).
+        """
+        if self.location == ":memory:":
+            return None
+        try:
+            info = os.stat(self.location)
+        except FileNotFoundError:
+            return "deleted"
+        except OSError as e:
+            return f"unreadable ({e})"
+        if (info.st_dev, info.st_ino) != self._identity:
+            return "replaced by another file"
+        return None
+
+    def reopen(self) -> None:
+        """
+        Open the database file afresh (creating it if it is gone), for a
+        store whose file was deleted or replaced underneath it; the caller
+        writes every binding again.
+
+        @raise StoreError: when it cannot be opened.
+        """
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
+        self._open()
 
     def count(self, now: float, natOnly: bool = False) -> int:
         query = "SELECT count(*) FROM bindings WHERE expires_at > ?"
@@ -205,17 +294,60 @@ class SQLiteStore(WriteBuffer):
         self._db.close()
 
 
+def openStore(db: str) -> IBindingStore:
+    """
+    The store the C{db} setting names: PostgreSQL for a libpq URI
+    (C{postgresql://...}), else an SQLite file.
+
+    @raise StoreError: naming the database and why it cannot be used.
+    """
+    if db.startswith(("postgresql://", "postgres://")):
+        from natkeep.pgstore import PostgreSQLStore
+
+        return PostgreSQLStore(db)
+    return SQLiteStore(db)
+
+
 def storedCount(path: str, now: float, natOnly: bool) -> Optional[int]:
     """
-    How many live bindings the database at C{path} holds, without creating
-    it; L{None} when there is no such file.
+    How many live bindings the database C{path} holds, without creating an
+    SQLite file; L{None} when there is no such file.
 
     @raise StoreError: when it cannot be read.
     """
-    if not os.path.exists(path):
+    if not path.startswith(("postgresql://", "postgres://")) and not os.path.exists(path):
         return None
-    store = SQLiteStore(path)
+    store = openStore(path)
     try:
         return store.count(now, natOnly)
     finally:
         store.close()
+
+
+class ThreadedWriter:
+    """
+    Runs a store's L{IBindingStore.write} on one thread of its own, so that
+    a slow or locked disk stalls commits, not the reactor.  One thread:
+    commits run in the order given, never two at once.
+    """
+
+    def __init__(self, reactor: Any, store: IBindingStore) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        self.reactor = reactor
+        self.store = store
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="natkeep-store")
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        if self.pool.started and not self.pool.joined:
+            self.pool.stop()
+
+    def __call__(
+        self, rows: Sequence[tuple[Any, ...]], deletes: Iterable[tuple[str, str]]
+    ) -> "Deferred[None]":
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.pool, self.store.write, rows, deletes)

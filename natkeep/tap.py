@@ -45,12 +45,13 @@ from natkeep.guard import SourceLimiter
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
+from natkeep.owner import Ownership
 from natkeep.protocol import MAX_DATAGRAM, ListeningPort, SIPProtocol
 from natkeep.registrar import Registrar
 from natkeep.relay import Relay, RelayPlan
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Response
-from natkeep.store import SQLiteStore, StoreError
+from natkeep.store import StoreError, ThreadedWriter, openStore
 from natkeep.strategies import Strategies, adviceFor, describeStrategies, makeStrategies
 
 log = Logger()
@@ -182,33 +183,31 @@ class BindingsService(Service):
         listeners: Mapping[str, IListener],
         outbox: Outbox,
         clock: Any,
+        writer: Optional[ThreadedWriter] = None,
+        stats: Optional[Counter[str]] = None,
+        ownership: Optional[Ownership] = None,
     ) -> None:
         self.store = store
         self.table = table
         self.listeners = listeners
+        self.ownership = Ownership(listeners) if ownership is None else ownership
         self.outbox = outbox
         self.clock = clock
+        self.writer = writer
+        self.stats: Counter[str] = Counter() if stats is None else stats
 
     def startService(self) -> None:
         super().startService()
-        restored = 0
-        orphans: Counter[str] = Counter()
-        for row in self.store.load(self.clock.seconds()):
-            listener = self.listeners.get(row.listener)
-            if listener is None:
-                orphans[row.listener] += 1
-                continue
-            self.table.add(row.restore(listener))
-            restored += 1
+        self.ownership.check()
+        restored = self._restore(self.ownership.held)
         # What was just restored lives as long as the process: keep the
         # collector from walking it again and again.
         gc.collect()
         gc.freeze()
-        for address, count in orphans.items():
+        for address in sorted(set(self.listeners) - self.ownership.held):
             log.warn(
-                "Skipped {count} stored bindings of {address}, which natkeep no "
-                "longer listens on; they stay in the store until they expire",
-                count=count,
+                "{address} is not configured on this host: its bindings stay in the store "
+                "until it is (a standby for a floating address)",
                 address=address,
             )
         log.info(
@@ -217,26 +216,110 @@ class BindingsService(Service):
             nat=self.table.natCount(),
             path=self.store.location,
         )
+        if self.writer is not None:
+            self.writer.start()
+
+    def _restore(self, addresses: set[str]) -> int:
+        """
+        Bring the stored bindings of the listening C{addresses} into the
+        table (those not there already); warn of bindings of addresses
+        natkeep does not listen on at all.
+
+        @return: how many came.
+        """
+        restored = 0
+        orphans: Counter[str] = Counter()
+        table = self.table
+        for row in self.store.load(self.clock.seconds()):
+            if row.listener not in addresses:
+                if row.listener not in self.listeners:
+                    orphans[row.listener] += 1
+                continue
+            if table.get(row.aor, row.uri) is not None:
+                continue
+            table.add(row.restore(self.listeners[row.listener]))
+            restored += 1
+        for address, count in orphans.items():
+            log.warn(
+                "Skipped {count} stored bindings of {address}, which natkeep no "
+                "longer listens on; they stay in the store until they expire",
+                count=count,
+                address=address,
+            )
+        return restored
+
+    def checkOwnership(self) -> None:
+        """
+        Take over the bindings of listening addresses that became local
+        (restored from the store: heartbeats resume), and let go of those
+        of addresses that left (out of the table, kept in the store).
+        """
+        gained, lost = self.ownership.check()
+        if lost:
+            leaving = [b for b in self.table if b.listener.address in lost]
+            for binding in leaving:
+                self.table.remove(binding, durable=False)
+            log.warn(
+                "{addresses} left this host: {n} bindings left to the node that holds it",
+                addresses=", ".join(sorted(lost)),
+                n=len(leaving),
+            )
+        if gained:
+            restored = self._restore(gained)
+            log.warn(
+                "{addresses} came to this host: restored {n} bindings from {path}",
+                addresses=", ".join(sorted(gained)),
+                n=restored,
+                path=self.store.location,
+            )
 
     def stopService(self) -> Any:
         super().stopService()
-        self.outbox.flush()
-        self.store.close()
+        d = self.outbox.drain()
+
+        def close(_: object) -> None:
+            if self.writer is not None:
+                self.writer.stop()
+            try:
+                self.store.close()
+            except Exception as e:
+                log.error("Closing the binding store failed: {error}", error=str(e))
+
+        return d.addCallback(close)
 
     def sweep(self) -> None:
         """
-        Remove every expired binding and commit the removals; a failure is
-        logged, and the next sweep tries again.
+        Remove every expired binding and commit the removals (a failure is
+        logged by the outbox, and the writes kept); and check that the
+        database is still the one opened, writing it anew from memory when
+        it was deleted or replaced underneath.
         """
         try:
             removed = self.table.sweep(self.clock.seconds())
-            if self.store.pending():
-                self.store.commit()
+            if removed:
+                log.debug("{n} bindings expired", n=removed)
+            self.checkOwnership()
+            if self.outbox.idle():
+                self._verify()
+            self.outbox.flush()
         except Exception:
             log.failure("Sweeping expired bindings failed")
+
+    def _verify(self) -> None:
+        problem = self.store.verify()
+        if problem is None:
             return
-        if removed:
-            log.debug("{n} bindings expired", n=removed)
+        self.stats["store.rewrites"] += 1
+        log.error(
+            "Binding database {location} was {problem} while natkeep ran; writing the "
+            "{n} bindings in memory to it anew",
+            location=self.store.location,
+            problem=problem,
+            n=len(self.table),
+        )
+        self.store.reopen()
+        for binding in self.table:
+            self.store.put(binding)
 
 
 class Natkeep:
@@ -267,11 +350,15 @@ class Natkeep:
             self.stats[name] = 0
         strategies = makeStrategies(settings)
         try:
-            self.store = SQLiteStore(settings.db)
+            self.store = openStore(settings.db)
         except StoreError as e:
             raise ConfigError(str(e))
         self.table = BindingTable(removed=self.store.delete)
-        self.outbox = Outbox(reactor, self.store, self.stats)
+        # Commits on the store's own thread where the reactor runs threads.
+        self.writer = (
+            ThreadedWriter(reactor, self.store) if hasattr(reactor, "callFromThread") else None
+        )
+        self.outbox = Outbox(reactor, self.store, self.stats, writer=self.writer)
         self.registrar = Registrar(
             self.table, reactor, self.outbox, strategies.expiry, store=self.store
         )
@@ -317,7 +404,7 @@ class Natkeep:
                 self.service
             )
         self.bindings = BindingsService(
-            self.store, self.table, self.protocols, self.outbox, reactor
+            self.store, self.table, self.protocols, self.outbox, reactor, self.writer, self.stats
         )
         self.bindings.setServiceParent(self.service)
         sweeper = TimerService(SWEEP_INTERVAL, self.bindings.sweep)
@@ -411,6 +498,9 @@ class Natkeep:
             bindings=len(self.table),
         )
         self._apply(new, strategies, plan)
+        # keepalived's notify script sends SIGHUP when the floating
+        # address arrives: take its bindings over now.
+        self.bindings.checkOwnership()
         return True
 
     def snapshot(self) -> dict[str, Any]:
@@ -422,6 +512,7 @@ class Natkeep:
         return {
             "bindings": len(self.table),
             "nat_bindings": self.table.natCount(),
+            "store": self.outbox.status(),
             "settings": {
                 "period_s": settings.period,
                 "send_interval_ms": settings.sendInterval,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -21,7 +21,7 @@ from natkeep.interfaces import IBindingStore, IListener, ISIPController
 from natkeep.outbox import Outbox
 from natkeep.protocol import SIPProtocol
 from natkeep.sip import Response
-from natkeep.store import WriteBuffer
+from natkeep.store import Row, WriteBuffer
 
 
 @implementer(IListener)
@@ -88,16 +88,21 @@ class MemoryStore(WriteBuffer):
             del self.rows[key]
         return list(self.rows.values())
 
-    def commit(self) -> None:
+    def write(self, rows: Sequence[Row], deletes: Iterable[tuple[str, str]]) -> None:
         if self.failures:
             self.failures -= 1
             raise OSError("commit failed")
-        puts, deletes = self.takeWrites()
         for key in deletes:
             self.rows.pop(key, None)
-        for key, b in puts.items():
-            self.rows[key] = StoredBinding.of(b)
+        for row in rows:
+            self.rows[(row[0], row[1])] = StoredBinding._make(row)
         self.commits += 1
+
+    def verify(self) -> Optional[str]:
+        return None
+
+    def reopen(self) -> None:
+        pass
 
     def count(self, now: float, natOnly: bool = False) -> int:
         return sum(

@@ -403,15 +403,72 @@ class DurabilityTests(RegistrarTestCase):
 
     def test_failedCommitWithholdsAnswers(self) -> None:
         """
-        When the commit fails, no 200 OK claims what is not on disk.
+        When the commit fails, no 200 OK claims what is not on disk: the
+        REGISTER is answered 500, its write is kept and retried a second
+        later; the refresh after that is answered 200 once both are on disk.
         """
         self.store.failures = 1
         self.deliver(register())
         self.clock.advance(0)
-        self.assertEqual(self.transport.written, [])
+        [(data, _)] = self.takeSent()
+        self.assertTrue(data.startswith(b"SIP/2.0 500 Binding Not Stored"), data[:40])
         self.assertEqual(self.stats["store.errors"], 1)
         self.assertTrue(self.store.pending())
-        self.flushLoggedErrors(OSError)
+        self.assertEqual(self.store.rows, {})
+        self.assertIsNotNone(self.outbox.status()["last_error"])
+        self.clock.advance(1)
+        self.assertEqual(len(self.store.rows), 1)
+        self.assertIsNone(self.outbox.status()["last_error"])
+        response = self.send(register(cseq=2))
+        assert response is not None
+        self.assertEqual(response.code, 200)
+
+    def test_commitUnderWay(self) -> None:
+        """
+        While a commit is under way (on the writer thread in the service),
+        OPTIONS is answered at once and REGISTER answers wait, shown in
+        the status; past the queue's bound a REGISTER gets 503 at once and
+        changes nothing; when the commit ends the waiting answers leave,
+        in order.
+        """
+        from twisted.internet import defer
+
+        from natkeep import outbox
+
+        self.patch(outbox, "MAX_HELD", 3)
+        commits: list[defer.Deferred[None]] = []
+
+        def writer(rows: object, deletes: object) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            commits.append(d)
+            return d
+
+        self.outbox.writer = writer
+        self.deliver(register(user="w0"))
+        self.clock.advance(0)
+        self.assertEqual(len(commits), 1)
+        for n in (1, 2):
+            self.deliver(register(user=f"w{n}"))
+        self.clock.advance(2)
+        self.assertEqual(self.takeSent(), [])
+        status = self.outbox.status()
+        self.assertEqual((status["queue"], status["committing"]), (3, True))
+        self.assertEqual(status["lag_seconds"], 2.0)
+        response = self.send(request("OPTIONS"))
+        assert response is not None
+        self.assertEqual(response.code, 200)
+        response = self.send(register(user="w3"))
+        assert response is not None
+        self.assertEqual((response.code, response.reason), (503, "Store Busy"))
+        self.assertEqual(response.headers["retry-after"], ["5"])
+        self.assertEqual(len(self.table), 3)
+        commits.pop().callback(None)
+        self.clock.advance(0)
+        self.assertEqual(len(commits), 1)
+        commits.pop().callback(None)
+        sent = [parseMessage(data) for data, _ in self.takeSent()]
+        self.assertEqual([m.code for m in sent], [200, 200, 200])  # type: ignore[union-attr]
+        self.assertEqual(self.outbox.status()["queue"], 0)
 
     def test_removalsStored(self) -> None:
         """

@@ -11,7 +11,7 @@ from collections import Counter
 
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from natkeep.bindings import Binding, BindingTable
@@ -20,6 +20,8 @@ from natkeep.outbox import Outbox
 from natkeep.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError, storedCount
 from natkeep.tap import BindingsService
 from natkeep.testing import FakeListener, MemoryStore
+
+from .postgres import freshDatabase, postgresUnavailable
 
 
 def binding(n: int, expiresAt: float = 500.0, nat: bool = True, listener: object = None) -> Binding:
@@ -228,7 +230,7 @@ class SQLiteContractTests(StoreContractMixin, SynchronousTestCase):
     The contract, kept by L{SQLiteStore}.
     """
 
-    commitError = sqlite3.Error
+    commitError = StoreError
 
     def open(self) -> SQLiteStore:
         self.path = self.mktemp()
@@ -253,6 +255,113 @@ class SQLiteContractTests(StoreContractMixin, SynchronousTestCase):
                 db.execute("ALTER TABLE hidden RENAME TO bindings")
 
         self.store.commit = commitOnce  # type: ignore[method-assign]
+
+
+class PostgreSQLContractTests(StoreContractMixin, SynchronousTestCase):
+    """
+    The contract, kept by L{PostgreSQLStore} on a real PostgreSQL server
+    the suite starts.
+    """
+
+    commitError = StoreError
+
+    def open(self) -> IBindingStore:
+        reason = postgresUnavailable()
+        if reason:
+            raise SkipTest(reason)
+        from natkeep.pgstore import PostgreSQLStore
+
+        self.uri = freshDatabase()
+        return PostgreSQLStore(self.uri)
+
+    def reopen(self) -> IBindingStore:
+        from natkeep.pgstore import PostgreSQLStore
+
+        self.store.close()
+        self.store = PostgreSQLStore(self.uri)
+        return self.store
+
+    def breakNextCommit(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.uri, autocommit=True) as conn:
+            conn.execute("ALTER TABLE natkeep_bindings RENAME TO hidden")
+        original = self.store.commit
+
+        def commitOnce() -> None:
+            self.store.commit = original  # type: ignore[method-assign]
+            try:
+                original()
+            finally:
+                with psycopg.connect(self.uri, autocommit=True) as conn:
+                    conn.execute("ALTER TABLE hidden RENAME TO natkeep_bindings")
+
+        self.store.commit = commitOnce  # type: ignore[method-assign]
+
+
+class PostgreSQLStoreTests(SynchronousTestCase):
+    """
+    What is L{PostgreSQLStore}'s own: its schema, a broken connection, a
+    server it cannot reach, and the password kept out of log lines.
+    """
+
+    def setUp(self) -> None:
+        reason = postgresUnavailable()
+        if reason:
+            raise SkipTest(reason)
+        self.uri = freshDatabase()
+
+    def test_schemaVersion(self) -> None:
+        """
+        A new database is at the current version, recorded; opening it
+        again changes nothing.
+        """
+        import psycopg
+
+        from natkeep.pgstore import SCHEMA_VERSION, PostgreSQLStore
+
+        PostgreSQLStore(self.uri).close()
+        PostgreSQLStore(self.uri).close()
+        with psycopg.connect(self.uri) as conn:
+            rows = conn.execute("SELECT version FROM natkeep_schema").fetchall()
+        self.assertEqual(rows, [(SCHEMA_VERSION,)])
+
+    def test_reconnects(self) -> None:
+        """
+        When the server ends natkeep's connection, the next write fails and
+        keeps its rows; the one after reconnects and writes them.
+        """
+        import psycopg
+
+        from natkeep.pgstore import PostgreSQLStore
+
+        store = PostgreSQLStore(self.uri)
+        self.addCleanup(store.close)
+        with psycopg.connect(self.uri, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        store.put(binding(1))
+        self.assertRaises(StoreError, store.commit)
+        self.assertTrue(store.pending())
+        store.commit()
+        self.assertEqual(store.count(0.0), 1)
+
+    def test_unreachable(self) -> None:
+        """
+        A server that is not there is one line naming the database, without
+        its password.
+        """
+        from natkeep.pgstore import PostgreSQLStore
+
+        uri = "postgresql://natkeep:s3cret@/nowhere?host=/nonexistent-socket-dir"
+        with self.assertRaises(StoreError) as raised:
+            PostgreSQLStore(uri)
+        message = str(raised.exception)
+        self.assertTrue(message.startswith("cannot use binding database postgresql://natkeep:***@"))
+        self.assertNotIn("s3cret", message)
+        self.assertEqual(len(message.splitlines()), 1)
 
 
 class SQLiteStoreTests(SynchronousTestCase):
