@@ -130,13 +130,14 @@ METER_PORT = 47000
 def fillStore(path: str, count: int, listen: str, expiresIn: float = 7200) -> None:
     """
     Write C{count} NATed bindings, one per loopback device address, into
-    the store at C{path}, as if they had registered on C{listen}.
+    the store C{path} (an SQLite file or a PostgreSQL URI), as if they had
+    registered on C{listen}.
     """
     from natkeep.bindings import Binding
-    from natkeep.store import SQLiteStore
+    from natkeep.store import openStore
     from natkeep.testing import FakeListener
 
-    store = SQLiteStore(path)
+    store = openStore(path)
     listener = FakeListener(listen)
     expires = time.time() + expiresIn
     for start in range(0, count, 50000):

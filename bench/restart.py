@@ -3,7 +3,7 @@ Restart: how long after a real C{twistd natkeep} starts on a store of N
 bindings (1 000 000 by default) heartbeats flow again: the first one at the
 meter, and the moment every device has had one.
 
-    python bench/restart.py [--devices 1000000] [--period 30]
+    python bench/restart.py [--devices 1000000] [--period 30] [--db postgresql://...]
 
 Settings give one cycle room for every device (SEND_INTERVAL 500 ms,
 SEND_ONE_TIME sized to reach all in one PERIOD).  Prints text and one JSON
@@ -30,13 +30,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1_000_000)
     parser.add_argument("--period", type=int, default=30)
+    parser.add_argument(
+        "--db", default=None, help="a postgresql:// URI to use instead of an SQLite file"
+    )
     args = parser.parse_args()
     devices = max(1, min(args.devices, 1_000_000))
     period = max(10, min(args.period, 300))
     workdir = tempfile.mkdtemp(prefix="natkeep-bench-")
     port = freePort()
     listen = f"127.0.0.1:{port}"
-    fillStore(os.path.join(workdir, "natkeep.sqlite"), devices, listen)
+    db = args.db or os.path.join(workdir, "natkeep.sqlite")
+    fillStore(db, devices, listen)
     batches = period * 2
     oneTime = math.ceil(devices * 1.2 / batches)
     report = os.path.join(workdir, "meter.json")
@@ -50,7 +54,7 @@ def main() -> None:
             "--listen",
             listen,
             "--db",
-            "natkeep.sqlite",
+            db,
             "--period",
             str(period),
             "--send-interval",

@@ -47,14 +47,24 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = "aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq"
 
+#: One statement for a whole commit's rows, one array per column: a commit
+#: costs one round trip and one plan, however many rows it holds.
 _UPSERT = f"""
 INSERT INTO natkeep_bindings ({_COLUMNS})
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+SELECT * FROM unnest(
+    %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[],
+    %s::text[], %s::boolean[], %s::double precision[], %s::text[], %s::bigint[]
+)
 ON CONFLICT (aor, uri) DO UPDATE SET
     params = excluded.params, host = excluded.host, port = excluded.port,
     listener = excluded.listener, nat = excluded.nat,
     expires_at = excluded.expires_at, call_id = excluded.call_id,
     cseq = excluded.cseq
+"""
+
+_DELETE = """
+DELETE FROM natkeep_bindings
+WHERE (aor, uri) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
 """
 
 #: Seconds a connection attempt may take.
@@ -160,15 +170,13 @@ class PostgreSQLStore(WriteBuffer):
         psycopg = self._psycopg
         try:
             conn = self._connection()
+            deleted = list(deletes)
             with conn.transaction():
-                with conn.cursor() as cursor:
-                    deletes = list(deletes)
-                    if deletes:
-                        cursor.executemany(
-                            "DELETE FROM natkeep_bindings WHERE aor = %s AND uri = %s", deletes
-                        )
-                    if rows:
-                        cursor.executemany(_UPSERT, rows)
+                if deleted:
+                    conn.execute(_DELETE, [list(column) for column in zip(*deleted, strict=True)])
+                if rows:
+                    # The keys are unique: a commit's rows come from a dict.
+                    conn.execute(_UPSERT, [list(column) for column in zip(*rows, strict=True)])
         except psycopg.Error as e:
             # The transaction block rolled back what it began.
             raise StoreError(f"cannot write binding database {self.location}: {_reason(e)}") from e

@@ -17,6 +17,57 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 KAMAILIO = "/usr/sbin/kamailio"
+
+#: The start of every Kamailio config the tests write, as a template for
+#: C{str.format} (C{host}, C{port}, C{modules}): a stateful proxy's
+#: modules, then more C{loadmodule}/C{modparam} lines may follow.
+PREAMBLE = """#!KAMAILIO
+debug=2
+log_stderror=yes
+children={children}
+auto_aliases=no
+listen=udp:{host}:{port}
+mpath="{modules}"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "maxfwd.so"
+loadmodule "siputils.so"
+loadmodule "pv.so"
+loadmodule "xlog.so"
+loadmodule "textops.so"
+"""
+
+#: The start of C{request_route}, in the same template form: Max-Forwards,
+#: in-dialog requests by loose routing, CANCEL to its transaction.  What
+#: follows handles initial requests and closes the route.
+ROUTE_START = """
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK")) {{
+            if (t_check_trans()) {{
+                t_relay();
+            }}
+            exit;
+        }}
+        sl_send_reply("404", "Not here");
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+"""
 KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 
 #: Sent until Kamailio answers anything: its socket is open and a worker

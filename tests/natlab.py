@@ -56,6 +56,8 @@ class NatLab:
         self.device, self.public = f"nkd{suffix}", f"nkp{suffix}"
         self.udpTimeout = udpTimeout
         self._links = [f"nka{suffix}", f"nkb{suffix}", f"nkc{suffix}"]
+        self._extra: list[str] = []
+        self._nodeLinks: dict[str, str] = {}
 
     def run(self, *command: str, ns: Optional[str] = None, check: bool = True) -> str:
         full = (["ip", "netns", "exec", ns] if ns else []) + list(command)
@@ -121,8 +123,41 @@ table ip natlab {{
         self.run("ip", "link", "set", f"{rd}y", "up", ns=d)
         self.run("ip", "route", "add", "default", "via", ROUTER_LAN, ns=d)
 
+    def addNode(self, name: str, address: str) -> str:
+        """
+        One more namespace on the server's bridge, with C{address}: a
+        second server host (for failover).  It is removed with the lab.
+
+        @return: the namespace's name.
+        """
+        ns = f"{self.server}{name}"
+        link = f"{self._links[0][:-1]}{name}"
+        self.run("ip", "netns", "add", ns)
+        self._extra.append(ns)
+        self.run("ip", "link", "set", "lo", "up", ns=ns)
+        self.run("ip", "link", "add", f"{link}x", "type", "veth", "peer", "name", f"{link}y")
+        self.run("ip", "link", "set", f"{link}x", "netns", self.server)
+        self.run("ip", "link", "set", f"{link}y", "netns", ns)
+        self.run("ip", "link", "set", f"{link}x", "master", "br0", ns=self.server)
+        self.run("ip", "link", "set", f"{link}x", "up", ns=self.server)
+        self.run("ip", "addr", "add", f"{address}/24", "dev", f"{link}y", ns=ns)
+        self.run("ip", "link", "set", f"{link}y", "up", ns=ns)
+        self._nodeLinks[ns] = f"{link}y"
+        return ns
+
+    def moveAddress(self, address: str, old: Optional[str], new: str) -> None:
+        """
+        Move C{address} from the node namespace C{old} (if any) to C{new},
+        and make the router forget where it was (as a gratuitous ARP would).
+        """
+        if old is not None:
+            self.run("ip", "addr", "del", f"{address}/24", "dev", self._nodeLinks[old], ns=old)
+        self.run("ip", "addr", "add", f"{address}/24", "dev", self._nodeLinks[new], ns=new)
+        self.run("ip", "neigh", "flush", "to", address, ns=self.router, check=False)
+        self.run("ip", "neigh", "flush", "to", address, ns=self.server, check=False)
+
     def destroy(self) -> None:
-        for ns in (self.server, self.router, self.device, self.public):
+        for ns in (self.server, self.router, self.device, self.public, *self._extra):
             subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
             pids = subprocess.run(
                 ["ip", "netns", "pids", ns], capture_output=True, text=True
@@ -158,6 +193,7 @@ table ip natlab {{
         duration: float,
         serverPort: int,
         answerOptions: bool = False,
+        serverHost: str = SERVER,
     ) -> "Agent":
         command = [
             "ip",
@@ -167,7 +203,7 @@ table ip natlab {{
             sys.executable,
             AGENT,
             "--server",
-            f"{SERVER}:{serverPort}",
+            f"{serverHost}:{serverPort}",
             "--user",
             user,
             "--host",
@@ -209,6 +245,8 @@ class Agent:
         event = json.loads(line)
         if "registered" not in event:
             raise RuntimeError(f"device agent: {event}")
+        #: When it was answered 200 OK, on the machine's monotonic clock.
+        self.registeredAt: float = event["at"]
 
     def finish(self, timeout: float = 400) -> list[dict[str, Any]]:
         """

@@ -147,3 +147,12 @@ def freshDatabase() -> str:
     The URI of a new database on the run's server.
     """
     return server().createDatabase()
+
+
+if __name__ == "__main__":
+    # For benchmarks: a server like the suite's and a fresh database,
+    # until standard input ends.
+    import sys
+
+    print(freshDatabase(), flush=True)
+    sys.stdin.read()

@@ -21,7 +21,13 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from natkeep.testing import register, sippCounts
 
 from .helpers import freePort
-from .kamailio import KAMAILIO_MODULES, kamailioUnavailable, startKamailio
+from .kamailio import (
+    KAMAILIO_MODULES,
+    PREAMBLE,
+    ROUTE_START,
+    kamailioUnavailable,
+    startKamailio,
+)
 from .natlab import DEVICE, PUBLIC, ROUTER_WAN, SERVER, NatLab, labUnavailable
 from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
 
@@ -356,48 +362,10 @@ class NatLabCallTests(SynchronousTestCase):
 #: (devices calling out) go to the far end; calls from anyone else go to
 #: natkeep for a user of example.com.  Stateful, Record-Routing, loose
 #: routing for in-dialog requests.
-KAMAILIO_CONFIG = """#!KAMAILIO
-debug=2
-log_stderror=yes
-children=1
-auto_aliases=no
-listen=udp:{host}:{port}
-mpath="{modules}"
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "rr.so"
-loadmodule "maxfwd.so"
-loadmodule "siputils.so"
-loadmodule "pv.so"
-loadmodule "xlog.so"
-loadmodule "textops.so"
-
-request_route {{
-    if (!mf_process_maxfwd_header("10")) {{
-        sl_send_reply("483", "Too Many Hops");
-        exit;
-    }}
-    if (has_totag()) {{
-        if (loose_route()) {{
-            t_relay();
-            exit;
-        }}
-        if (is_method("ACK")) {{
-            if (t_check_trans()) {{
-                t_relay();
-            }}
-            exit;
-        }}
-        sl_send_reply("404", "Not here");
-        exit;
-    }}
-    if (is_method("CANCEL")) {{
-        if (t_check_trans()) {{
-            t_relay();
-        }}
-        exit;
-    }}
-    record_route();
+KAMAILIO_CONFIG = (
+    PREAMBLE
+    + ROUTE_START
+    + """    record_route();
     if ($si == "{natkeepHost}" && $sp == {natkeepPort}) {{
         xlog("L_INFO", "call out from natkeep: $ru\\n");
         $du = "sip:{farHost}:{farPort}";
@@ -410,6 +378,7 @@ request_route {{
     exit;
 }}
 """
+)
 
 
 class KamailioUpstreamTests(SynchronousTestCase):
@@ -428,6 +397,7 @@ class KamailioUpstreamTests(SynchronousTestCase):
 
     def startKamailio(self, natkeepPort: int, port: int, farPort: int) -> None:
         config = KAMAILIO_CONFIG.format(
+            children=1,
             host="127.0.0.24",
             port=port,
             modules=KAMAILIO_MODULES,

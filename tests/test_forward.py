@@ -24,7 +24,14 @@ from natkeep.sip import Request, Response, parseMessage, parseNameAddr, splitVal
 from natkeep.testing import register, sippCounts
 
 from .helpers import freePort
-from .kamailio import KAMAILIO_MODULES, controlSocket, kamailioUnavailable, startKamailio
+from .kamailio import (
+    KAMAILIO_MODULES,
+    PREAMBLE,
+    ROUTE_START,
+    controlSocket,
+    kamailioUnavailable,
+    startKamailio,
+)
 from .natlab import DEVICE, PUBLIC, SERVER, NatLab, labUnavailable
 from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
 from .test_edge import NAT_TIMEOUT, SILENCE, placeCall
@@ -358,22 +365,9 @@ class ForwardConfigTests(RelayTestCase):
 #: from a db_text subscriber table, usrloc in memory, the Path of each
 #: REGISTER stored (RFC 3327) and used by lookup() for calls in.  It logs
 #: each REGISTER it receives, so that tests count what reaches the core.
-CORE_CONFIG = """#!KAMAILIO
-debug=2
-log_stderror=yes
-children=2
-auto_aliases=no
-listen=udp:{host}:{port}
-mpath="{modules}"
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "rr.so"
-loadmodule "maxfwd.so"
-loadmodule "siputils.so"
-loadmodule "pv.so"
-loadmodule "xlog.so"
-loadmodule "textops.so"
-loadmodule "db_text.so"
+CORE_CONFIG = (
+    PREAMBLE
+    + """loadmodule "db_text.so"
 loadmodule "usrloc.so"
 loadmodule "registrar.so"
 loadmodule "auth.so"
@@ -386,33 +380,9 @@ modparam("auth_db", "db_url", "text://{db}")
 modparam("auth_db", "calculate_ha1", no)
 modparam("auth_db", "load_credentials", "")
 modparam("ctl", "binrpc", "unix:{ctl}")
-
-request_route {{
-    if (!mf_process_maxfwd_header("10")) {{
-        sl_send_reply("483", "Too Many Hops");
-        exit;
-    }}
-    if (has_totag()) {{
-        if (loose_route()) {{
-            t_relay();
-            exit;
-        }}
-        if (is_method("ACK")) {{
-            if (t_check_trans()) {{
-                t_relay();
-            }}
-            exit;
-        }}
-        sl_send_reply("404", "Not here");
-        exit;
-    }}
-    if (is_method("CANCEL")) {{
-        if (t_check_trans()) {{
-            t_relay();
-        }}
-        exit;
-    }}
-    if (is_method("REGISTER")) {{
+"""
+    + ROUTE_START
+    + """    if (is_method("REGISTER")) {{
         xlog("L_INFO", "core REGISTER user=$fU contact=$ct path=$hdr(Path)\\n");
         if (!auth_check("$fd", "subscriber", "1")) {{
             auth_challenge("$fd", "1");
@@ -436,6 +406,7 @@ request_route {{
     sl_send_reply("405", "Method Not Allowed");
 }}
 """
+)
 
 
 def writeSubscribers(folder: FilePath, users: list[str]) -> None:
@@ -533,6 +504,7 @@ class KamailioCoreTests(SynchronousTestCase):
         port = freePort(host="127.0.0.52")
         self.ctl = controlSocket(self)
         config = CORE_CONFIG.format(
+            children=2,
             host="127.0.0.52",
             port=port,
             modules=KAMAILIO_MODULES,
@@ -679,6 +651,7 @@ class NatLabCoreTests(SynchronousTestCase):
         """
         writeSubscribers(self.cwd.child("db"), ["1001"])
         config = CORE_CONFIG.format(
+            children=2,
             host=PUBLIC,
             port=5070,
             modules=KAMAILIO_MODULES,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
+from typing import Callable
 
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
@@ -36,6 +37,25 @@ def binding(n: int, expiresAt: float = 500.0, nat: bool = True, listener: object
         f"call-{n}",
         n + 1,
     )
+
+
+def hideTableOnce(store: IBindingStore, execute: Callable[[str], object], table: str) -> None:
+    """
+    Make C{store}'s next commit fail by renaming its C{table} away
+    (C{execute} runs a statement on its database), and bring the table
+    back when that commit ends.
+    """
+    execute(f"ALTER TABLE {table} RENAME TO hidden")
+    original = store.commit
+
+    def commitOnce() -> None:
+        store.commit = original  # type: ignore[method-assign]
+        try:
+            original()
+        finally:
+            execute(f"ALTER TABLE hidden RENAME TO {table}")
+
+    store.commit = commitOnce  # type: ignore[method-assign]
 
 
 class StoreContractMixin:
@@ -243,18 +263,7 @@ class SQLiteContractTests(StoreContractMixin, SynchronousTestCase):
 
     def breakNextCommit(self) -> None:
         assert isinstance(self.store, SQLiteStore)
-        db = self.store._db
-        db.execute("ALTER TABLE bindings RENAME TO hidden")
-        original = self.store.commit
-
-        def commitOnce() -> None:
-            self.store.commit = original  # type: ignore[method-assign]
-            try:
-                original()
-            finally:
-                db.execute("ALTER TABLE hidden RENAME TO bindings")
-
-        self.store.commit = commitOnce  # type: ignore[method-assign]
+        hideTableOnce(self.store, self.store._db.execute, "bindings")
 
 
 class PostgreSQLContractTests(StoreContractMixin, SynchronousTestCase):
@@ -284,19 +293,11 @@ class PostgreSQLContractTests(StoreContractMixin, SynchronousTestCase):
     def breakNextCommit(self) -> None:
         import psycopg
 
-        with psycopg.connect(self.uri, autocommit=True) as conn:
-            conn.execute("ALTER TABLE natkeep_bindings RENAME TO hidden")
-        original = self.store.commit
+        def execute(statement: str) -> None:
+            with psycopg.connect(self.uri, autocommit=True) as conn:
+                conn.execute(statement)  # type: ignore[arg-type]
 
-        def commitOnce() -> None:
-            self.store.commit = original  # type: ignore[method-assign]
-            try:
-                original()
-            finally:
-                with psycopg.connect(self.uri, autocommit=True) as conn:
-                    conn.execute("ALTER TABLE hidden RENAME TO natkeep_bindings")
-
-        self.store.commit = commitOnce  # type: ignore[method-assign]
+        hideTableOnce(self.store, execute, "natkeep_bindings")
 
 
 class PostgreSQLStoreTests(SynchronousTestCase):
