@@ -134,7 +134,7 @@ def fillStore(path: str, count: int, listen: str, expiresIn: float = 7200) -> No
     registered on C{listen}.
     """
     from natkeep.bindings import Binding
-    from natkeep.store import openStore
+    from natkeep.stores import openStore
     from natkeep.testing import FakeListener
 
     store = openStore(path)

@@ -12,7 +12,8 @@ from typing import Optional, TextIO
 from natkeep.config import Settings, splitListen
 from natkeep.interfaces import IPacer, IPayload
 from natkeep.protocol import sentByFor
-from natkeep.store import StoreError, storedCount
+from natkeep.store import StoreError
+from natkeep.stores import storedCount
 from natkeep.strategies import adviceFor, chosenMakers, installedStrategies
 
 #: IPv4 + UDP headers on the wire, for the bandwidth estimate.

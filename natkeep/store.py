@@ -294,36 +294,6 @@ class SQLiteStore(WriteBuffer):
         self._db.close()
 
 
-def openStore(db: str) -> IBindingStore:
-    """
-    The store the C{db} setting names: PostgreSQL for a libpq URI
-    (C{postgresql://...}), else an SQLite file.
-
-    @raise StoreError: naming the database and why it cannot be used.
-    """
-    if db.startswith(("postgresql://", "postgres://")):
-        from natkeep.pgstore import PostgreSQLStore
-
-        return PostgreSQLStore(db)
-    return SQLiteStore(db)
-
-
-def storedCount(path: str, now: float, natOnly: bool) -> Optional[int]:
-    """
-    How many live bindings the database C{path} holds, without creating an
-    SQLite file; L{None} when there is no such file.
-
-    @raise StoreError: when it cannot be read.
-    """
-    if not path.startswith(("postgresql://", "postgres://")) and not os.path.exists(path):
-        return None
-    store = openStore(path)
-    try:
-        return store.count(now, natOnly)
-    finally:
-        store.close()
-
-
 class ThreadedWriter:
     """
     Runs a store's L{IBindingStore.write} on one thread of its own, so that

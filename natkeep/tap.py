@@ -51,7 +51,8 @@ from natkeep.registrar import Registrar
 from natkeep.relay import Relay, RelayPlan
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Response
-from natkeep.store import StoreError, ThreadedWriter, openStore
+from natkeep.store import StoreError, ThreadedWriter
+from natkeep.stores import openStore
 from natkeep.strategies import Strategies, adviceFor, describeStrategies, makeStrategies
 
 log = Logger()

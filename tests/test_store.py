@@ -18,7 +18,8 @@ from zope.interface.verify import verifyObject
 from natkeep.bindings import Binding, BindingTable
 from natkeep.interfaces import IBindingStore
 from natkeep.outbox import Outbox
-from natkeep.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError, storedCount
+from natkeep.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError
+from natkeep.stores import storedCount
 from natkeep.tap import BindingsService
 from natkeep.testing import FakeListener, MemoryStore
 
