@@ -9,7 +9,11 @@ prints the calls completed and failed, and the proxy's CPU microseconds per
 relayed message (from /proc).  Loopback only; every step is bounded in
 calls and time.
 
-    python bench/relay.py [--rates 100 200 400 800] [--seconds 10]
+    python bench/relay.py [--rates 100 200 400 800] [--seconds 10] [--media]
+
+With --media, natkeep runs the steps again with SS_MEDIA_PROXY_BEHIND_NAT
+on and Debian's rtpengine (userspace, on core 1) taking every call's
+offer, answer and delete, and prints the ng command latency.
 """
 
 from __future__ import annotations
@@ -169,48 +173,112 @@ def kamailioPids(main: int) -> list[int]:
     return found
 
 
+def natkeepSteps(
+    folder: str, phonePort: int, arguments: argparse.Namespace, rtpengine: Optional[str]
+) -> list[dict[str, float]]:
+    """
+    The rate steps through natkeep; with C{rtpengine} (its ng socket) the
+    media of every call goes through it.
+    """
+    port = freePort()
+    callerPort = freePort()
+    web = freePort()
+    options = [
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"sip:{CALLER}:{callerPort}",
+        "--db",
+        ":memory:",
+        "--period",
+        "600",
+        "--status",
+        f"127.0.0.1:{web}",
+    ]
+    if rtpengine:
+        options += ["--media-proxy-behind-nat", "yes", "--rtpengine", rtpengine]
+    # A folder of its own: waiting for its log must not see another run's.
+    natkeep = Natkeep(tempfile.mkdtemp(dir=folder), options)
+    steps = []
+    try:
+        natkeep.waitLog("Registrar listening", 20)
+        registerPhone(("127.0.0.1", port), phonePort)
+        print(f"natkeep (stateless relay, one core, media {'on' if rtpengine else 'off'}):")
+        for rate in arguments.rates:
+            step = runStep(
+                folder, f"127.0.0.1:{port}", phonePort, rate, arguments.seconds, natkeep.cpuSeconds
+            )
+            steps.append(step)
+            print(f"  {step}")
+        if rtpengine:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}/status", timeout=5) as page:
+                media = json.load(page)["media"]
+            print(f"  ng latency p50 {media['ng_p50_ms']} ms, p99 {media['ng_p99_ms']} ms")
+            steps.append({"ng_p50_ms": media["ng_p50_ms"], "ng_p99_ms": media["ng_p99_ms"]})
+    finally:
+        natkeep.stop()
+    return steps
+
+
+def startRtpengine(folder: str) -> tuple[subprocess.Popen[bytes], int]:
+    """
+    Debian's rtpengine on loopback, userspace only, on core 1.
+    """
+    ng = freePort()
+    log = os.path.join(folder, "rtpengine.log")
+    command = onCore1(
+        [
+            "rtpengine",
+            "--interface=127.0.0.1",
+            f"--listen-ng=127.0.0.1:{ng}",
+            "--foreground",
+            "--table=-1",
+            "--port-min=20000",
+            "--port-max=59999",
+            # Ports come back at the delete, not 30 s later.
+            "--delete-delay=0",
+            "--log-stderr",
+            "--log-level=4",
+            "--no-fallback",
+        ]
+    )
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            if b"Startup complete" in f.read():
+                return process, ng
+        time.sleep(0.05)
+    # At log level 4 the line may not come: it listens by now.
+    return process, ng
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rates", type=int, nargs="+", default=[100, 200, 400, 800])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--no-kamailio", action="store_true")
+    parser.add_argument(
+        "--media", action="store_true", help="natkeep again with media through rtpengine"
+    )
     arguments = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"natkeep": [], "kamailio": []}
 
     with tempfile.TemporaryDirectory() as folder:
-        port = freePort()
-        callerPort = freePort()
         phonePort = freePort()
-        natkeep = Natkeep(
-            folder,
-            [
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--upstream",
-                f"sip:{CALLER}:{callerPort}",
-                "--db",
-                ":memory:",
-                "--period",
-                "600",
-            ],
-        )
-        try:
-            natkeep.waitLog("Registrar listening", 20)
-            registerPhone(("127.0.0.1", port), phonePort)
-            print("natkeep (stateless relay, one core):")
-            for rate in arguments.rates:
-                step = runStep(
-                    folder,
-                    f"127.0.0.1:{port}",
-                    phonePort,
-                    rate,
-                    arguments.seconds,
-                    natkeep.cpuSeconds,
+        results["natkeep"] = natkeepSteps(folder, phonePort, arguments, None)
+        if arguments.media:
+            engine = startRtpengine(folder)
+            try:
+                results["natkeep-media"] = natkeepSteps(
+                    folder, phonePort, arguments, f"udp:127.0.0.1:{engine[1]}"
                 )
-                results["natkeep"].append(step)
-                print(f"  {step}")
-        finally:
-            natkeep.stop()
+            finally:
+                engine[0].terminate()
+                engine[0].wait(10)
 
         kamailio: Optional[subprocess.Popen[bytes]] = None
         if not arguments.no_kamailio and os.path.exists(KAMAILIO):

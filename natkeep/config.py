@@ -92,6 +92,19 @@ def _optionalToken(text: str) -> Optional[str]:
     return value
 
 
+def _engines(text: str) -> tuple[str, ...]:
+    values = []
+    for part in text.replace(",", " ").split():
+        scheme, _, rest = part.partition(":")
+        host, _, port = rest.rpartition(":")
+        if scheme.lower() != "udp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} is not udp:HOST:PORT")
+        values.append(f"udp:{host}:{int(port)}")
+    if not values:
+        raise ValueError("no rtpengine given")
+    return tuple(values)
+
+
 def _oneOf(*values: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         value = text.strip().lower()
@@ -383,6 +396,25 @@ PARAMETERS: tuple[Parameter, ...] = (
         "Sources besides registered devices and the upstream whose requests are relayed.",
     ),
     Parameter(
+        "SS_MEDIA_PROXY_BEHIND_NAT",
+        "media-proxy-behind-nat",
+        "mediaProxy",
+        False,
+        _boolean,
+        "yes or no (on/off, 1/0)",
+        "Relay the media of every relayed call with a NATed device through rtpengine "
+        "(offer, answer, delete over its ng protocol); off: SDP passes untouched.",
+    ),
+    Parameter(
+        "rtpengine",
+        "rtpengine",
+        "rtpengine",
+        ("udp:127.0.0.1:2223",),
+        _engines,
+        "udp:HOST:PORT, comma-separated",
+        "rtpengine ng control sockets; a call goes to the one its Call-ID hashes to.",
+    ),
+    Parameter(
         "register_mode",
         "register-mode",
         "registerMode",
@@ -652,7 +684,6 @@ PARAMETERS: tuple[Parameter, ...] = (
 #: warning, so a VOS3000 file can be pasted whole.
 IGNORED_KEYS = frozenset(
     {
-        "SS_MEDIA_PROXY_BEHIND_NAT",
         "SS_SIP_TIMEOUT_INVITE",
         "SS_SIP_STOP_SWITCH_AFTER_SDP",
         "SS_SIP_USER_AGENT_STOP_SWITCH_AFTER_INVITE_TIMEOUT",
@@ -698,6 +729,8 @@ class Settings:
     upstream: Optional[str] = _DEFAULTS["upstream"]
     domains: frozenset[str] = _DEFAULTS["domains"]
     trusted: tuple[str, ...] = _DEFAULTS["trusted"]
+    mediaProxy: bool = _DEFAULTS["mediaProxy"]
+    rtpengine: tuple[str, ...] = _DEFAULTS["rtpengine"]
     registerMode: str = _DEFAULTS["registerMode"]
     upstreamExpires: int = _DEFAULTS["upstreamExpires"]
     rateLimit: int = _DEFAULTS["rateLimit"]

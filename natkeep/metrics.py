@@ -90,6 +90,18 @@ PLAIN_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "upstream_timeouts",
         "REGISTERs the upstream did not answer in time (503, or the held binding's 200).",
     ),
+    ("media.ng.commands", "media_ng_commands", "rtpengine ng commands answered."),
+    ("media.ng.retries", "media_ng_retries", "rtpengine ng commands sent again after a timeout."),
+    (
+        "media.ng.failures",
+        "media_ng_failures",
+        "rtpengine ng commands that failed (no answer, or an error result).",
+    ),
+    (
+        "media.refused",
+        "media_refused",
+        "Calls answered 503, or answers dropped, because rtpengine gave no SDP.",
+    ),
     ("register.denied", "register_denied", "REGISTERs refused (403) by the allow/deny lists."),
     ("store.errors", "store_errors", "Failed commits of the binding store."),
     (
@@ -157,6 +169,8 @@ _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 
 #: Buckets of the cycle duration histogram, in seconds: a cycle lasts up to
 #: one PERIOD (10 s to a day).
+NG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 2, 3, float("inf"))
+
 CYCLE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 
 
@@ -206,6 +220,12 @@ def _gauges(data: Mapping[str, Any]) -> Iterable[Metric]:
     yield GaugeMetricFamily("natkeep_bindings", "Bindings in the table.", data.get("bindings", 0))
     yield GaugeMetricFamily(
         "natkeep_nat_bindings", "Bindings behind NAT.", data.get("nat_bindings", 0)
+    )
+    media = data.get("media") or {}
+    yield GaugeMetricFamily(
+        "natkeep_media_sessions",
+        "Calls whose media rtpengine relays (an offer made, no delete yet).",
+        media.get("sessions", 0),
     )
     store = data.get("store") or {}
     yield GaugeMetricFamily(
@@ -287,6 +307,18 @@ class Metrics:
             buckets=CYCLE_BUCKETS,
             registry=self.registry,
         )
+        self.ngLatency = Histogram(
+            "natkeep_media_ng_latency_seconds",
+            "Seconds from an rtpengine ng command to its answer (with its retries).",
+            buckets=NG_BUCKETS,
+            registry=self.registry,
+        )
+
+    def ngAnswered(self, latency: float) -> None:
+        """
+        An rtpengine ng command was answered after C{latency} seconds.
+        """
+        self.ngLatency.observe(latency)
 
     def cycleFinished(self, duration: float) -> None:
         """

@@ -38,8 +38,10 @@ import struct
 from collections import Counter
 from typing import NamedTuple, Optional, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from natkeep.bindings import Binding, BindingTable
@@ -48,6 +50,7 @@ from natkeep.digest import CredentialsFile, Digest
 from natkeep.forward import RegisterForwarder
 from natkeep.guard import SourceFilter
 from natkeep.interfaces import IListener, ISIPController
+from natkeep.media import MediaProxy, NGClient
 from natkeep.outbox import Outbox
 from natkeep.registrar import Registrar
 from natkeep.sip import (
@@ -232,6 +235,10 @@ class Relay:
         #: Digest authentication, when C{auth} is on.
         self.digest: Optional[Digest] = None
         self.authAll = False
+        #: rtpengine's ng client, made by the service when media is on.
+        self.mediaClient: Optional[NGClient] = None
+        #: The media relay, when C{SS_MEDIA_PROXY_BEHIND_NAT} is on.
+        self.media: Optional[MediaProxy] = None
         #: Forward mode's state, when C{register_mode = forward}.
         self.forwarder: Optional[RegisterForwarder] = None
         self.upstream: Optional[tuple[str, int]] = None
@@ -277,6 +284,14 @@ class Relay:
         self.upstreamHost = (
             parseURI(settings.upstream).host.lower() if settings.upstream is not None else None
         )
+        if settings.mediaProxy and self.mediaClient is not None:
+            engines = [splitHostPort(e[len("udp:") :]) for e in settings.rtpengine]
+            addresses = [(host, port or 2223) for host, port in engines]
+            if self.media is None:
+                self.media = MediaProxy(self.mediaClient, addresses, self.stats)
+            self.media.engines = addresses
+        else:
+            self.media = None
         if settings.registerMode == "forward" and self.upstream is not None:
             if self.forwarder is None:
                 assert isinstance(self.registrar, Registrar)
@@ -476,9 +491,76 @@ class Relay:
             user = f"{recordFlow}@" if recordFlow else ""
             recorded = f"<sip:{user}{sentBy};lr>"
             forwarded["record-route"] = [recorded] + headers.get("record-route", [])
-        data = renderMessage(f"{method} {target} SIP/2.0", forwarded, request.body)
+        startLine = f"{method} {target} SIP/2.0"
         self.stats["relay.requests"] += 1
-        self.outbox.send(out, data, address)
+        media = self.media
+        if media is not None:
+            callId = headers["call-id"][0]
+            if method in ("BYE", "CANCEL"):
+                media.delete(callId, "")
+            elif method in _OFFERS and _hasSDP(request):
+                senderNat = self._natDevice(headers.get("from"), source)
+                if senderNat or self._natDevice(headers.get("to"), address):
+                    self._withMedia(
+                        media.offer(
+                            callId,
+                            _tag(headers.get("from")),
+                            request.body,
+                            source[0] if senderNat else None,
+                        ),
+                        startLine,
+                        forwarded,
+                        out,
+                        address,
+                        (request, via, source, arrived),
+                    )
+                    return
+        self.outbox.send(out, renderMessage(startLine, forwarded, request.body), address)
+
+    def _natDevice(self, header: Optional[list[str]], address: tuple[str, int]) -> bool:
+        """
+        Whether C{address} is a NATed device of the AOR the From or To
+        C{header} names.
+        """
+        if not header:
+            return False
+        try:
+            aor = parseURI(parseNameAddr(header[0]).uri).addressOfRecord()
+        except SIPError:
+            return False
+        return any(b.nat and b.source == address for b in self.table.lookup(aor))
+
+    def _withMedia(
+        self,
+        sdp: Deferred[bytes],
+        startLine: str,
+        headers: dict[str, list[str]],
+        out: IListener,
+        address: tuple[str, int],
+        refuse: Optional[tuple[Request, Via, tuple[str, int], IListener]],
+    ) -> None:
+        """
+        Send the message once rtpengine gave the SDP to carry; when it did
+        not, answer the request 503 (C{refuse}) or drop the response.
+        """
+
+        def send(body: bytes) -> None:
+            self.outbox.send(out, renderMessage(startLine, headers, body), address)
+
+        def failed(failure: Failure) -> None:
+            self.stats["media.refused"] += 1
+            log.warn(
+                "No media for call {callId}: {error}",
+                callId=headers["call-id"][0],
+                error=failure.getErrorMessage(),
+            )
+            if refuse is not None:
+                request, via, source, arrived = refuse
+                self.outbox.answer(
+                    request, via, source, arrived, 503, "Media Unavailable", "Retry-After: 30\r\n"
+                )
+
+        sdp.addCallbacks(send, failed)
 
     def _outgoing(
         self,
@@ -644,10 +726,55 @@ class Relay:
         port = int(rport) if rport and rport.isdigit() else (nextVia.port or 5060)
         headers = dict(response.headers)
         headers["via"] = vias[1:]
-        data = renderMessage(f"SIP/2.0 {response.code} {response.reason}", headers, response.body)
+        startLine = f"SIP/2.0 {response.code} {response.reason}"
         self.stats["relay.responses"] += 1
+        media = self.media
+        if media is not None:
+            callId = (headers.get("call-id") or [""])[0]
+            if callId in media.sessions:
+                method = (headers.get("cseq") or [""])[0].rpartition(" ")[2]
+                if response.code >= 300 and method == "INVITE" and not _tag(headers.get("to")):
+                    media.delete(callId, "")
+                elif response.code < 300 and method in _OFFERS and _hasSDP(response):
+                    nat = self._natDevice(headers.get("to"), source)
+                    self._withMedia(
+                        media.answer(
+                            callId,
+                            _tag(headers.get("from")),
+                            _tag(headers.get("to")),
+                            response.body,
+                            source[0] if nat else None,
+                        ),
+                        startLine,
+                        headers,
+                        self.listeners[index],
+                        (host, port),
+                        None,
+                    )
+                    return True
+        data = renderMessage(startLine, headers, response.body)
         self.outbox.send(self.listeners[index], data, (host, port))
         return True
+
+
+#: Methods whose SDP is an offer natkeep has rtpengine rewrite.
+_OFFERS = ("INVITE", "UPDATE")
+
+
+def _hasSDP(message: Request | Response) -> bool:
+    if not message.body:
+        return False
+    kind = (message.headers.get("content-type") or [""])[0]
+    return kind.split(";", 1)[0].strip().lower() == "application/sdp"
+
+
+def _tag(header: Optional[list[str]]) -> str:
+    if not header:
+        return ""
+    try:
+        return parseNameAddr(header[0]).param("tag") or ""
+    except SIPError:
+        return ""
 
 
 def _maxForwards(request: Request) -> int:

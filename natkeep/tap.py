@@ -43,6 +43,7 @@ from natkeep.config import (
 )
 from natkeep.guard import SourceLimiter
 from natkeep.interfaces import IBindingStore, IListener
+from natkeep.media import startClient
 from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
 from natkeep.owner import Ownership
@@ -419,6 +420,8 @@ class Natkeep:
 
             self.metrics = Metrics(self.snapshot, __version__)
             self.sender.onCycle = self.metrics.cycleFinished
+            if self.relay.mediaClient is not None:
+                self.relay.mediaClient.onLatency = self.metrics.ngAnswered
             self.admin = BindingsAdmin(
                 self.table, reactor, self.outbox.flush, settings.adminToken, self.stats
             )
@@ -436,6 +439,10 @@ class Natkeep:
         self, settings: Settings, strategies: Strategies, plan: Optional[RelayPlan] = None
     ) -> None:
         self.settings = settings
+        if settings.mediaProxy and self.relay.mediaClient is None:
+            self.relay.mediaClient = startClient(self.reactor, self.reactor, self.stats)
+            if self.metrics is not None:
+                self.relay.mediaClient.onLatency = self.metrics.ngAnswered
         self.relay.configure(settings, plan)
         self.limiter.configure(settings.rateLimit, settings.rateBurst, settings.rateExempt)
         self.outbox.configure(settings)
@@ -514,6 +521,7 @@ class Natkeep:
             "bindings": len(self.table),
             "nat_bindings": self.table.natCount(),
             "store": self.outbox.status(),
+            "media": None if self.relay.media is None else self.relay.media.status(),
             "settings": {
                 "period_s": settings.period,
                 "send_interval_ms": settings.sendInterval,

@@ -218,10 +218,10 @@ class ConfigFileTests(SynchronousTestCase):
         """
         A VOS3000 key natkeep does not act on is accepted with a warning.
         """
-        values, warnings = readConfigFile(self.write("SS_MEDIA_PROXY_BEHIND_NAT = On\n"))
+        values, warnings = readConfigFile(self.write("SS_SIP_TIMEOUT_INVITE = 30\n"))
         self.assertEqual(values, {})
         self.assertEqual(len(warnings), 1)
-        self.assertIn("SS_MEDIA_PROXY_BEHIND_NAT", warnings[0])
+        self.assertIn("SS_SIP_TIMEOUT_INVITE", warnings[0])
         self.assertIn("does not act on", warnings[0])
 
     def test_unreadable(self) -> None:
@@ -268,7 +268,9 @@ class OptionsTests(SynchronousTestCase):
         from natkeep.config import PARAMETERS, _boolean
 
         switches = [p for p in PARAMETERS if p.parse is _boolean]
-        self.assertEqual({p.option for p in switches}, {"ping-all", "sip-trace"})
+        self.assertEqual(
+            {p.option for p in switches}, {"ping-all", "sip-trace", "media-proxy-behind-nat"}
+        )
         for parameter in switches:
             for spelling, value in (
                 ("yes", True),
