@@ -401,3 +401,23 @@ class RelayMediaTests(RelayTestCase):
         out, _, _ = self.forwarded(invite(), UPSTREAM)
         self.assertIn(b"203.0.113.50", out.body)
         self.assertEqual(self.engine.commands, [])
+
+
+class EngineChoiceTests(SynchronousTestCase):
+    """
+    Several rtpengines share the calls by Call-ID.
+    """
+
+    def test_byCallId(self) -> None:
+        """
+        Every command of one call goes to the same rtpengine, and calls
+        spread over all of them.
+        """
+        from natkeep.media import MediaProxy
+
+        engine = FakeEngine()
+        engines = [("127.0.0.1", 2223), ("127.0.0.2", 2223), ("127.0.0.3", 2223)]
+        proxy = MediaProxy(engine, engines)
+        chosen = {proxy._engine(f"call-{n}") for n in range(300)}
+        self.assertEqual(chosen, set(engines))
+        self.assertEqual(len({proxy._engine("same") for _ in range(10)}), 1)
