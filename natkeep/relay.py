@@ -36,7 +36,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -239,6 +239,8 @@ class Relay:
         self.mediaClient: Optional[NGClient] = None
         #: The media relay, when C{SS_MEDIA_PROXY_BEHIND_NAT} is on.
         self.media: Optional[MediaProxy] = None
+        #: Offers rtpengine has now: (Call-ID, CSeq, the sender's branch).
+        self._offering: set[tuple[str, str, str]] = set()
         #: Forward mode's state, when C{register_mode = forward}.
         self.forwarder: Optional[RegisterForwarder] = None
         self.upstream: Optional[tuple[str, int]] = None
@@ -501,18 +503,22 @@ class Relay:
             elif method in _OFFERS and _hasSDP(request):
                 senderNat = self._natDevice(headers.get("from"), source)
                 if senderNat or self._natDevice(headers.get("to"), address):
+                    key = (callId, headers["cseq"][0], via.param("branch") or "")
+                    if key in self._offering:
+                        # A retransmission while rtpengine has the offer:
+                        # the first copy is relayed when it answers.
+                        self.stats["media.retransmissions"] += 1
+                        return
+                    self._offering.add(key)
+                    sdp = media.offer(
+                        callId,
+                        _tag(headers.get("from")),
+                        request.body,
+                        source[0] if senderNat else None,
+                    )
+                    sdp.addBoth(_passing(self._offering.discard, key))
                     self._withMedia(
-                        media.offer(
-                            callId,
-                            _tag(headers.get("from")),
-                            request.body,
-                            source[0] if senderNat else None,
-                        ),
-                        startLine,
-                        forwarded,
-                        out,
-                        address,
-                        (request, via, source, arrived),
+                        sdp, startLine, forwarded, out, address, (request, via, source, arrived)
                     )
                     return
         self.outbox.send(out, renderMessage(startLine, forwarded, request.body), address)
@@ -759,6 +765,19 @@ class Relay:
 
 #: Methods whose SDP is an offer natkeep has rtpengine rewrite.
 _OFFERS = ("INVITE", "UPDATE")
+
+
+def _passing(call: Callable[[Any], object], argument: Any) -> Callable[[Any], Any]:
+    """
+    A Deferred callback that calls C{call(argument)} and passes the result
+    on, whatever it is.
+    """
+
+    def passing(result: Any) -> Any:
+        call(argument)
+        return result
+
+    return passing
 
 
 def _hasSDP(message: Request | Response) -> bool:

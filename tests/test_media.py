@@ -421,3 +421,38 @@ class EngineChoiceTests(SynchronousTestCase):
         chosen = {proxy._engine(f"call-{n}") for n in range(300)}
         self.assertEqual(chosen, set(engines))
         self.assertEqual(len({proxy._engine("same") for _ in range(10)}), 1)
+
+
+class OfferInFlightTests(RelayTestCase):
+    """
+    An INVITE retransmitted while rtpengine has its offer.
+    """
+
+    def test_retransmissionWaits(self) -> None:
+        """
+        The copy that arrives while the offer is out sends no second offer
+        and relays nothing; the first copy is relayed when rtpengine
+        answers, and a copy after that makes a new offer.
+        """
+        from twisted.internet import defer
+
+        class SlowEngine(FakeEngine):
+            def command(self, address: tuple[str, int], message: dict[str, Any]) -> Any:
+                self.commands.append(message)
+                self.waiting: defer.Deferred[Any] = defer.Deferred()
+                return self.waiting
+
+        engine = SlowEngine()
+        self.relay.mediaClient = engine
+        self.relay.configure(self.settings(mediaProxy=True))
+        self.registerPhone()
+        self.assertEqual(self.send(invite(), UPSTREAM), [])
+        self.assertEqual(self.send(invite(), UPSTREAM), [])
+        self.assertEqual(len(engine.commands), 1)
+        self.assertEqual(self.stats["media.retransmissions"], 1)
+        engine.waiting.callback({b"result": b"ok", b"sdp": b"v=0\r\n"})
+        [(data, address, _)] = self.send(b"", PHONE)
+        self.assertEqual(address, PHONE)
+        self.assertTrue(data.endswith(b"\r\n\r\nv=0\r\n"))
+        self.send(invite(), UPSTREAM)
+        self.assertEqual(len(engine.commands), 2)
