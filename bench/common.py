@@ -63,6 +63,9 @@ class Natkeep:
     def __init__(self, workdir: str, args: Sequence[str]) -> None:
         self.workdir = workdir
         self.log = os.path.join(workdir, "natkeep.log")
+        # Another run in the same folder logged before: only what this one
+        # writes counts.
+        self._logStart = os.path.getsize(self.log) if os.path.exists(self.log) else 0
         command = TWISTD + ["-n", "--pidfile=", "--logfile", self.log, "natkeep", *args]
         if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
             command = ["taskset", "-c", "0"] + command
@@ -83,8 +86,9 @@ class Natkeep:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             try:
-                with open(self.log, encoding="utf-8", errors="replace") as f:
-                    if text in f.read():
+                with open(self.log, "rb") as f:
+                    f.seek(self._logStart)
+                    if text.encode("utf-8") in f.read():
                         return time.monotonic() - start
             except OSError:
                 pass

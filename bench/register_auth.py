@@ -155,9 +155,7 @@ def rampMode(
     options = ["--listen", f"127.0.0.1:{port}", "--db", os.path.join(workdir, f"auth{auth}.db")]
     if auth:
         options += ["--auth", "register", "--credentials", credentials, "--realm", REALM]
-    # A directory of its own, so that waiting for its log is not fooled by
-    # the other mode's.
-    natkeep = Natkeep(tempfile.mkdtemp(prefix=f"auth{auth}-", dir=workdir), options)
+    natkeep = Natkeep(workdir, options)
     mode = "auth" if auth else "noauth"
     seconds = min(args.seconds, 10.0)
     return ramp(

@@ -197,8 +197,7 @@ def natkeepSteps(
     ]
     if rtpengine:
         options += ["--media-proxy-behind-nat", "yes", "--rtpengine", rtpengine]
-    # A folder of its own: waiting for its log must not see another run's.
-    natkeep = Natkeep(tempfile.mkdtemp(dir=folder), options)
+    natkeep = Natkeep(folder, options)
     steps = []
     try:
         natkeep.waitLog("Registrar listening", 20)
