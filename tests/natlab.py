@@ -22,8 +22,27 @@ import subprocess
 import sys
 from typing import Any, Optional
 
+from .processes import NatkeepProcess
+
 SERVER, ROUTER_WAN, PUBLIC = "198.18.0.1", "198.18.0.2", "198.18.0.3"
 ROUTER_LAN, DEVICE = "100.64.10.1", "100.64.10.2"
+
+
+def startServer(testCase: Any, lab: "NatLab", cwd: Any, *args: str) -> NatkeepProcess:
+    """
+    natkeep on the lab's server, UDP 5060, its store in C{cwd}, batches
+    100 ms apart, with C{args} after; stopped when C{testCase} ends.  It
+    returns once natkeep has restored its (empty) store.
+    """
+    process = NatkeepProcess(
+        ["--listen", f"{SERVER}:5060", "--db", "natkeep.sqlite", "--send-interval", "100", *args],
+        cwd.path,
+        netns=lab.server,
+    )
+    testCase.addCleanup(process.stop)
+    process.waitLog("Restored 0 bindings")
+    return process
+
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "natlab_device.py")
 

@@ -154,9 +154,12 @@ def sipp(
     timeout: int = 60,
     extra: Sequence[str] = (),
     cwd: Any = None,
+    netns: Optional[str] = None,
 ) -> subprocess.CompletedProcess[str]:
     """
-    Run one of our sipp scenarios, bounded in calls and time.
+    Run one of our sipp scenarios (or the scenario file at a path),
+    bounded in calls and time, inside the network namespace C{netns} if
+    given.
     """
     command = [
         "sipp",
@@ -177,6 +180,8 @@ def sipp(
         *extra,
         target,
     ]
+    if netns:
+        command = ["ip", "netns", "exec", netns] + command
     return subprocess.run(
         command,
         capture_output=True,

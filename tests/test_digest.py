@@ -29,7 +29,7 @@ from natkeep.sip import Request, SIPError, parseMessage
 from natkeep.testing import register, sippCounts
 
 from .helpers import MemoryEdgeTestCase, freePort
-from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
+from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp, sipp
 
 REALM = "example.com"
 PHONE = ("192.0.2.50", 5060)
@@ -359,7 +359,7 @@ class SippAuthTests(SynchronousTestCase):
         process.waitReady("127.0.0.1", self.port)
         self.process = process
 
-    def sipp(
+    def registerWith(
         self, user: str, password: str, authUser: Optional[str] = None, final: int = 200
     ) -> tuple[int, int]:
         """
@@ -374,33 +374,15 @@ class SippAuthTests(SynchronousTestCase):
         expected.setContent(
             scenario.replace(b'<recv response="200" />', f'<recv response="{final}" />'.encode())
         )
-        result = subprocess.run(
-            [
-                "sipp",
-                "-sf",
-                expected.path,
-                "-s",
-                user,
-                "-au",
-                authUser or user,
-                "-ap",
-                password,
-                "-m",
-                "1",
-                "-i",
-                "127.0.0.1",
-                "-p",
-                str(freePort()),
-                "-nostdin",
-                "-timeout",
-                "20s",
-                "-timeout_error",
-                f"127.0.0.1:{self.port}",
-            ],
+        result = sipp(
+            expected.path,
+            f"127.0.0.1:{self.port}",
+            calls=1,
+            rate=1,
+            localPort=freePort(),
+            timeout=20,
+            extra=["-s", user, "-au", authUser or user, "-ap", password],
             cwd=self.cwd.path,
-            capture_output=True,
-            text=True,
-            timeout=60,
         )
         return sippCounts(result.stdout)
 
@@ -412,11 +394,11 @@ class SippAuthTests(SynchronousTestCase):
         gets 403.
         """
         for n in (1, 2, 3):
-            self.assertEqual(self.sipp(f"u{n}", f"pw{n}"), (1, 0))
-        self.assertEqual(self.sipp("u1", "wrong"), (0, 1))
-        self.assertEqual(self.sipp("u1", "wrong", final=401), (1, 0))
-        self.assertEqual(self.sipp("nobody", "pw1", final=401), (1, 0))
-        self.assertEqual(self.sipp("u1", "pw2", authUser="u2", final=403), (1, 0))
+            self.assertEqual(self.registerWith(f"u{n}", f"pw{n}"), (1, 0))
+        self.assertEqual(self.registerWith("u1", "wrong"), (0, 1))
+        self.assertEqual(self.registerWith("u1", "wrong", final=401), (1, 0))
+        self.assertEqual(self.registerWith("nobody", "pw1", final=401), (1, 0))
+        self.assertEqual(self.registerWith("u1", "pw2", authUser="u2", final=403), (1, 0))
 
 
 class RelayAuthTests(AuthTestCase):

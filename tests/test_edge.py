@@ -28,7 +28,7 @@ from .kamailio import (
     kamailioUnavailable,
     startKamailio,
 )
-from .natlab import DEVICE, PUBLIC, ROUTER_WAN, SERVER, NatLab, labUnavailable
+from .natlab import DEVICE, PUBLIC, ROUTER_WAN, SERVER, NatLab, labUnavailable, startServer
 from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
 
 #: The lab NAT's UDP timeout, and how long the phone stays silent before
@@ -153,6 +153,20 @@ def placeCall(
     testCase.assertEqual(sippCounts(phoneOutput), (1, 0), errors + phoneOutput[-1500:])
 
 
+def registerPhone(testCase: SynchronousTestCase, host: str, server: tuple[str, int]) -> int:
+    """
+    Register 1001 from a free port on C{host}, as the sipp phone that will
+    take calls there; return the port.
+    """
+    port = freePort(host=host)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+        phone.bind((host, port))
+        phone.settimeout(5)
+        phone.sendto(register(user="1001", contacts=[f"<sip:1001@{host}:{port}>"]), server)
+        testCase.assertTrue(phone.recv(4096).startswith(b"SIP/2.0 200 OK"))
+    return port
+
+
 class LoopbackCallTests(SynchronousTestCase):
     """
     A caller at the upstream's address calls a registered phone through
@@ -191,15 +205,7 @@ class LoopbackCallTests(SynchronousTestCase):
         self.addCleanup(process.stop)
         process.waitReady("127.0.0.1", port)
         for phoneHangsUp in (False, True):
-            phonePort = freePort(host="127.0.0.12")
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
-                phone.bind(("127.0.0.12", phonePort))
-                phone.settimeout(5)
-                phone.sendto(
-                    register(user="1001", contacts=[f"<sip:1001@127.0.0.12:{phonePort}>"]),
-                    ("127.0.0.1", port),
-                )
-                self.assertTrue(phone.recv(4096).startswith(b"SIP/2.0 200 OK"))
+            phonePort = registerPhone(self, "127.0.0.12", ("127.0.0.1", port))
             placeCall(
                 self,
                 self.cwd,
@@ -273,24 +279,9 @@ class NatLabCallTests(SynchronousTestCase):
         arrives (the control), while calls through natkeep complete, with
         a BYE from each side in two runs.
         """
-        process = NatkeepProcess(
-            [
-                "--listen",
-                f"{SERVER}:5060",
-                "--upstream",
-                f"sip:{PUBLIC}:5070",
-                "--db",
-                "natkeep.sqlite",
-                "--period",
-                "10",
-                "--send-interval",
-                "100",
-            ],
-            self.cwd.path,
-            netns=self.lab.server,
+        process = startServer(
+            self, self.lab, self.cwd, "--upstream", f"sip:{PUBLIC}:5070", "--period", "10"
         )
-        self.addCleanup(process.stop)
-        process.waitLog("Restored 0 bindings")
         top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         device = subprocess.Popen(
             [
@@ -433,15 +424,7 @@ class KamailioUpstreamTests(SynchronousTestCase):
         self.addCleanup(process.stop)
         process.waitReady("127.0.0.1", port)
         self.startKamailio(port, kamailioPort, farPort)
-        phonePort = freePort(host="127.0.0.22")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
-            phone.bind(("127.0.0.22", phonePort))
-            phone.settimeout(5)
-            phone.sendto(
-                register(user="1001", contacts=[f"<sip:1001@127.0.0.22:{phonePort}>"]),
-                ("127.0.0.1", port),
-            )
-            self.assertTrue(phone.recv(4096).startswith(b"SIP/2.0 200 OK"))
+        phonePort = registerPhone(self, "127.0.0.22", ("127.0.0.1", port))
         kamailio = f"127.0.0.24:{kamailioPort}"
         # In: the far end calls 1001 at the softswitch.
         placeCall(

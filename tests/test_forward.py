@@ -6,7 +6,6 @@ with Path, refreshes absorbed) on in-memory sockets and a fake clock.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -32,8 +31,8 @@ from .kamailio import (
     kamailioUnavailable,
     startKamailio,
 )
-from .natlab import DEVICE, PUBLIC, SERVER, NatLab, labUnavailable
-from .processes import SIPP_FOLDER, NatkeepProcess, haveSipp
+from .natlab import DEVICE, PUBLIC, SERVER, NatLab, labUnavailable, startServer
+from .processes import NatkeepProcess, haveSipp, sipp
 from .test_edge import NAT_TIMEOUT, SILENCE, placeCall
 from .test_relay import PHONE, UPSTREAM, RelayTestCase, invite
 
@@ -659,57 +658,28 @@ class NatLabCoreTests(SynchronousTestCase):
             ctl=controlSocket(self),
         )
         startKamailio(self, self.cwd, config, (PUBLIC, 5070), PUBLIC, netns=self.lab.public)
-        process = NatkeepProcess(
-            [
-                "--listen",
-                f"{SERVER}:5060",
-                "--upstream",
-                f"sip:{PUBLIC}:5070",
-                "--register-mode",
-                "forward",
-                "--db",
-                "natkeep.sqlite",
-                "--period",
-                "10",
-                "--send-interval",
-                "100",
-            ],
-            self.cwd.path,
-            netns=self.lab.server,
+        process = startServer(
+            self,
+            self.lab,
+            self.cwd,
+            "--upstream",
+            f"sip:{PUBLIC}:5070",
+            "--register-mode",
+            "forward",
+            "--period",
+            "10",
         )
-        self.addCleanup(process.stop)
-        process.waitLog("Restored 0 bindings")
-        registered = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.lab.device,
-                "sipp",
-                "-sf",
-                os.path.join(SIPP_FOLDER, "register_auth.xml"),
-                "-s",
-                "1001",
-                "-au",
-                "1001",
-                "-ap",
-                "pw1001",
-                "-m",
-                "1",
-                "-i",
-                DEVICE,
-                "-p",
-                "5060",
-                "-nostdin",
-                "-timeout",
-                "20s",
-                "-timeout_error",
-                f"{SERVER}:5060",
-            ],
+        registered = sipp(
+            "register_auth.xml",
+            f"{SERVER}:5060",
+            calls=1,
+            rate=1,
+            localPort=5060,
+            host=DEVICE,
+            timeout=20,
+            extra=["-s", "1001", "-au", "1001", "-ap", "pw1001"],
             cwd=self.cwd.path,
-            capture_output=True,
-            text=True,
-            timeout=60,
+            netns=self.lab.device,
         )
         self.assertEqual(sippCounts(registered.stdout), (1, 0), registered.stdout[-1500:])
         hold = subprocess.run(

@@ -26,8 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from natkeep.media import BencodeError, MediaError, NGClient, bdecode, bencode
 from natkeep.sip import splitValues
 
-from .natlab import DEVICE, PUBLIC, SERVER, NatLab, labUnavailable
-from .processes import NatkeepProcess
+from .natlab import DEVICE, PUBLIC, SERVER, NatLab, labUnavailable, startServer
 from .test_relay import PHONE, UPSTREAM, RelayTestCase, invite
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "media_agent.py")
@@ -239,30 +238,21 @@ class MediaLabTests(SynchronousTestCase):
         self.startRtpengine()
         config = self.cwd.child("natkeep.conf")
         config.setContent(b"SS_MEDIA_PROXY_BEHIND_NAT = on\n")
-        natkeep = NatkeepProcess(
-            [
-                "--config",
-                config.path,
-                "--listen",
-                f"{SERVER}:5060",
-                "--upstream",
-                f"sip:{PUBLIC}:5070",
-                "--db",
-                "natkeep.sqlite",
-                "--period",
-                "10",
-                "--send-interval",
-                "100",
-                "--rtpengine",
-                "udp:127.0.0.1:2223",
-                "--status",
-                "127.0.0.1:8080",
-            ],
-            self.cwd.path,
-            netns=self.lab.server,
+        natkeep = startServer(
+            self,
+            self.lab,
+            self.cwd,
+            "--config",
+            config.path,
+            "--upstream",
+            f"sip:{PUBLIC}:5070",
+            "--period",
+            "10",
+            "--rtpengine",
+            "udp:127.0.0.1:2223",
+            "--status",
+            "127.0.0.1:8080",
         )
-        self.addCleanup(natkeep.stop)
-        natkeep.waitLog("Restored 0 bindings")
 
         phone, caller = self.call(40000)
         self.assertEqual(caller["final"], 200, caller)

@@ -12,7 +12,7 @@ import time
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from .natlab import DEVICE, PUBLIC, ROUTER_WAN, SERVER, NatLab, labUnavailable
+from .natlab import DEVICE, PUBLIC, ROUTER_WAN, NatLab, labUnavailable, startServer
 from .processes import NatkeepProcess
 
 #: The router forgets an idle UDP mapping after this many seconds.
@@ -34,22 +34,7 @@ class NatLabTestCase(SynchronousTestCase):
         self.cwd.makedirs()
 
     def startNatkeep(self, *args: str) -> NatkeepProcess:
-        process = NatkeepProcess(
-            [
-                "--listen",
-                f"{SERVER}:{SIP_PORT}",
-                "--db",
-                "natkeep.sqlite",
-                "--send-interval",
-                "100",
-                *args,
-            ],
-            self.cwd.path,
-            netns=self.lab.server,
-        )
-        self.addCleanup(process.stop)
-        process.waitLog("Restored 0 bindings")
-        return process
+        return startServer(self, self.lab, self.cwd, *args)
 
     def device(
         self,
