@@ -172,7 +172,7 @@ class Outbox:
                 if not self._held:
                     self._heldSince = self.clock.seconds()
                 self._held.append((listener, data, address))
-                self._schedule()
+                self.commitSoon()
                 return
         self._transmit(listener, data, address)
 
@@ -208,7 +208,12 @@ class Outbox:
             "last_error": self.lastError,
         }
 
-    def _schedule(self) -> None:
+    def commitSoon(self) -> None:
+        """
+        Commit what is written at the end of this reactor turn, unless a
+        commit is under way or a failed one waits for its retry (either
+        takes these writes along).
+        """
         if self._flushCall is None and self._inFlight is None and self._retryCall is None:
             self._flushCall = self.clock.callLater(0, self.flush)
 
@@ -289,7 +294,7 @@ class Outbox:
     def _next(self) -> None:
         store = self.store
         if self._held or (store is not None and store.pending()):
-            self._schedule()
+            self.commitSoon()
         else:
             self._notifyDrained()
 

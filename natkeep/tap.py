@@ -303,7 +303,8 @@ class BindingsService(Service):
             self.checkOwnership()
             if self.outbox.idle():
                 self._verify()
-            self.outbox.flush()
+            if self.store.pending():
+                self.outbox.commitSoon()
         except Exception:
             log.failure("Sweeping expired bindings failed")
 
