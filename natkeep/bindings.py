@@ -20,51 +20,13 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
-import attrs
-from zope.interface import Attribute, Interface
-
-
-class IListener(Interface):
-    """
-    One listening UDP socket of natkeep: the socket a binding remembers.
-    (Re-exported by L{natkeep.interfaces}, with the other contracts.)
-    """
-
-    address = Attribute(
-        "The listening address as configured, C{host:port} (C{[v6]:port} for "
-        "IPv6).  Stored with each binding, so that a restart can find the "
-        "same socket again."
-    )
-
-    sentBy = Attribute(
-        "C{host:port} natkeep writes for this socket in the messages it makes "
-        "(Via, Record-Route, From, Contact): routable, never a wildcard.  The "
-        "listener's C{advertise} address, else its own bound address, else "
-        "the host's address for its family."
-    )
-
-    def sentByNow() -> str:
-        """
-        What to write as this socket's address in a message made for the
-        datagram being handled now: the local address it arrived on, for a
-        socket bound to a wildcard that learns it; else C{sentBy}.
-        """
-
-    def sendto(data: bytes, address: tuple[str, int]) -> object:
-        """
-        Send one datagram from this socket.
-
-        @raise OSError: when the kernel refuses it (C{EAGAIN}, C{ENOBUFS},
-            a queued ICMP error); the caller counts it and goes on.
-        """
-
+from natkeep.listener import IListener
 
 #: A binding's C{expiresAt} once it has been removed: earlier than any clock,
 #: so that "still alive" is one comparison anywhere.
 DEAD = -math.inf
 
 
-@attrs.define(slots=True, eq=False, weakref_slot=False)
 class Binding:
     """
     One registered Contact.
@@ -88,17 +50,51 @@ class Binding:
         after a restart, so the next refresh goes upstream).
     """
 
-    aor: str
-    uri: str
-    params: str
-    source: tuple[str, int]
-    listener: IListener
-    nat: bool
-    expiresAt: float
-    callId: str
-    cseq: int
-    phase: int = 0
-    upstreamUntil: float = 0.0
+    __slots__ = (
+        "aor",
+        "uri",
+        "params",
+        "source",
+        "listener",
+        "nat",
+        "expiresAt",
+        "callId",
+        "cseq",
+        "phase",
+        "upstreamUntil",
+    )
+
+    def __init__(
+        self,
+        aor: str,
+        uri: str,
+        params: str,
+        source: tuple[str, int],
+        listener: IListener,
+        nat: bool,
+        expiresAt: float,
+        callId: str,
+        cseq: int,
+        phase: int = 0,
+        upstreamUntil: float = 0.0,
+    ) -> None:
+        self.aor = aor
+        self.uri = uri
+        self.params = params
+        self.source = source
+        self.listener = listener
+        self.nat = nat
+        self.expiresAt = expiresAt
+        self.callId = callId
+        self.cseq = cseq
+        self.phase = phase
+        self.upstreamUntil = upstreamUntil
+
+    def __repr__(self) -> str:
+        return (
+            f"Binding(aor={self.aor!r}, uri={self.uri!r}, source={self.source!r}, "
+            f"nat={self.nat!r}, expiresAt={self.expiresAt!r}, phase={self.phase!r})"
+        )
 
 
 def storedRow(binding: Binding) -> tuple[str, str, str, str, int, str, bool, float, str, int]:
@@ -134,7 +130,8 @@ class StoredBinding(NamedTuple):
     host: str
     port: int
     listener: str
-    nat: bool
+    #: 0 or 1 as a database returns it (a bool when made from a binding).
+    nat: int
     expiresAt: float
     callId: str
     cseq: int
@@ -164,13 +161,16 @@ class StoredBinding(NamedTuple):
             (self.host, self.port),
             listener,
             bool(self.nat),
-            self.expiresAt,
+            float(self.expiresAt),
             self.callId,
             self.cseq,
         )
 
 
-@attrs.define(slots=True)
+def _ignore(binding: Binding) -> None:
+    pass
+
+
 class BindingTable:
     """
     All bindings, by address-of-record and Contact URI, with the NATed ones
@@ -180,14 +180,15 @@ class BindingTable:
         (unregister, expiry, liveness), so that the store forgets it too.
     """
 
-    removed: Callable[[Binding], None] = lambda binding: None
-    _aors: dict[str, dict[str, Binding]] = attrs.field(factory=dict)
-    _nat: dict[Binding, None] = attrs.field(factory=dict)
-    _wheel: dict[int, dict[Binding, None]] = attrs.field(factory=dict)
-    _perHost: dict[str, int] = attrs.field(factory=dict)
-    _swept: Optional[int] = None
-    _count: int = 0
-    _nextPhase: int = 0
+    def __init__(self, removed: Optional[Callable[[Binding], None]] = None) -> None:
+        self.removed: Callable[[Binding], None] = _ignore if removed is None else removed
+        self._aors: dict[str, dict[str, Binding]] = {}
+        self._nat: dict[Binding, None] = {}
+        self._wheel: dict[int, dict[Binding, None]] = {}
+        self._perHost: dict[str, int] = {}
+        self._swept: Optional[int] = None
+        self._count = 0
+        self._nextPhase = 0
 
     def __len__(self) -> int:
         return self._count

@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional, Sequence, TextIO
 
-from natkeep import __version__
+from natkeep import __version__, build
 from natkeep.config import ConfigError, buildSettings, parseListenAddress, readConfigFile
 
 #: Seconds a call to the admin API may take.
@@ -169,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="natkeep", description="Run and manage natkeep, the SIP NAT keep-alive registrar."
     )
-    parser.add_argument("--version", action="version", version=f"natkeep {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"natkeep {__version__} ({build()} build)"
+    )
     parser.add_argument("--config", "-c", help="natkeep config file (status, admin_token, ...)")
     parser.add_argument("--status", help="the status listener, HOST:PORT")
     parser.add_argument("--token", help="admin token (default: the config's admin_token)")
@@ -269,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
                 given += ["--config", arguments.config]
             if arguments.devices is not None:
                 given += ["--devices", arguments.devices]
-            options.parseOptions(given)  # type: ignore[no-untyped-call]
+            options.parseOptions(given)
             from natkeep.plan import printPlan
 
             try:

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional
 
-import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from natkeep.bindings import BindingTable
@@ -60,18 +59,28 @@ MAX_PENDING = 65536
 MARGIN = 60
 
 
-@attrs.define(slots=True, eq=False)
 class Pending:
     """
     A REGISTER sent upstream, and what natkeep needs to finish it.
     """
 
-    request: Request
-    via: Via
-    cseq: int
-    source: tuple[str, int]
-    listener: IListener
-    timer: IDelayedCall
+    __slots__ = ("request", "via", "cseq", "source", "listener", "timer")
+
+    def __init__(
+        self,
+        request: Request,
+        via: Via,
+        cseq: int,
+        source: tuple[str, int],
+        listener: IListener,
+        timer: IDelayedCall,
+    ) -> None:
+        self.request = request
+        self.via = via
+        self.cseq = cseq
+        self.source = source
+        self.listener = listener
+        self.timer = timer
 
 
 def _contacts(message: Request | Response) -> list[NameAddr]:

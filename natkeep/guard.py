@@ -19,11 +19,10 @@ import ipaddress
 from collections import Counter, OrderedDict
 from typing import Iterable, Optional, Union
 
-import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-log = Logger()
+log = Logger(namespace="natkeep.guard")
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -164,7 +163,6 @@ class SourceFilter:
         return True
 
 
-@attrs.define
 class BindingCaps:
     """
     How many bindings natkeep holds: per AOR, per source IP, in all.
@@ -180,13 +178,22 @@ class BindingCaps:
         gets 503 with C{Retry-After: retryAfter}.
     """
 
-    perAOR: int = 16
-    replace: bool = True
-    perSource: int = 0
-    total: int = 0
-    exempt: tuple[Network, ...] = ()
-    retryAfter: int = 60
-    _exemptCache: dict[str, bool] = attrs.field(factory=dict, repr=False)
+    def __init__(
+        self,
+        perAOR: int = 16,
+        replace: bool = True,
+        perSource: int = 0,
+        total: int = 0,
+        exempt: tuple[Network, ...] = (),
+        retryAfter: int = 60,
+    ) -> None:
+        self.perAOR = perAOR
+        self.replace = replace
+        self.perSource = perSource
+        self.total = total
+        self.exempt = exempt
+        self.retryAfter = retryAfter
+        self._exemptCache: dict[str, bool] = {}
 
     def configure(
         self, perAOR: int, replace: bool, perSource: int, total: int, exempt: Iterable[str] = ()

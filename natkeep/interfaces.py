@@ -4,8 +4,7 @@ The choices: interfaces between natkeep's rooms.
 Three strategy interfaces (L{IExpiryPolicy}, L{IPayload}, L{IPacer}) are
 chosen by name in config; L{IStrategyMaker} is what a plugin module offers so
 that natkeep can find, build and describe them.  L{IListener} is a socket
-bindings remember (it lives beside L{natkeep.bindings.Binding}, which holds
-one); L{IBindingStore} is the durable shadow of the binding table.
+bindings remember (L{natkeep.bindings.Binding} holds one); L{IBindingStore} is the durable shadow of the binding table.
 
 This module names value types (the binding, the parsed message, the
 settings) and no room that provides or uses these contracts.  Methods are
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
-from natkeep.bindings import IListener
+from natkeep.listener import IListener
 
 if TYPE_CHECKING:
     from natkeep.bindings import Binding, StoredBinding

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-log = Logger()
+log = Logger(namespace="natkeep.media")
 
 BValue = Union[int, bytes, str, list[Any], dict[Any, Any]]
 

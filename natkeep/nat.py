@@ -13,8 +13,6 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional
 
-import attrs
-
 #: Every NAT test, in the order the documentation names them.
 NAT_TESTS = ("via", "private", "contact")
 
@@ -50,7 +48,6 @@ def isPrivateAddress(host: str) -> bool:
     return any(address in net for net in _PRIVATE_NETWORKS)
 
 
-@attrs.frozen
 class NatDetector:
     """
     The NAT tests in force.
@@ -59,7 +56,19 @@ class NatDetector:
         L{NAT_TESTS}).
     """
 
-    tests: frozenset[str] = frozenset(NAT_TESTS)
+    __slots__ = ("tests",)
+
+    def __init__(self, tests: frozenset[str] = frozenset(NAT_TESTS)) -> None:
+        self.tests = tests
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NatDetector) and other.tests == self.tests
+
+    def __hash__(self) -> int:
+        return hash(self.tests)
+
+    def __repr__(self) -> str:
+        return f"NatDetector(tests={sorted(self.tests)!r})"
 
     def viaDiffers(self, host: str, port: Optional[int], source: tuple[str, int]) -> bool:
         """

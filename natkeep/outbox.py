@@ -34,7 +34,7 @@ from natkeep.config import Settings
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.sip import Request, Via, renderResponse, traceText
 
-log = Logger()
+log = Logger(namespace="natkeep.outbox")
 
 #: How every response ends (natkeep's responses carry no body), until
 #: C{server_header} says otherwise.

@@ -45,7 +45,7 @@ from natkeep.sip import (
     traceText,
 )
 
-log = Logger()
+log = Logger(namespace="natkeep.protocol")
 
 #: One byte more than the largest message we parse: a longer datagram is
 #: read truncated but still recognised as too large, and each read does not
@@ -537,8 +537,8 @@ class SIPProtocol(DatagramProtocol):
             self.controller.requestReceived(message, via, cseq, source, self)
         except SIPError as e:
             self._answerError(message, source, e)
-        except Unanswerable as e:
-            self._drop("unanswerable", source, str(e))
+        except Unanswerable as unanswerable:
+            self._drop("unanswerable", source, str(unanswerable))
 
     def _drop(self, reason: str, source: tuple[str, int], detail: str) -> None:
         self.stats["dropped"] += 1

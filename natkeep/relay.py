@@ -68,7 +68,7 @@ from natkeep.sip import (
     splitValues,
 )
 
-log = Logger()
+log = Logger(namespace="natkeep.relay")
 
 #: The branch prefix of natkeep's relay Via (RFC 3261 magic cookie first).
 BRANCH_PREFIX = "z9hG4bK-nk"
@@ -550,23 +550,40 @@ class Relay:
         not, answer the request 503 (C{refuse}) or drop the response.
         """
 
-        def send(body: bytes) -> None:
-            self.outbox.send(out, renderMessage(startLine, headers, body), address)
+        sdp.addCallbacks(
+            self._sendWithMedia,
+            self._noMedia,
+            callbackArgs=(startLine, headers, out, address),
+            errbackArgs=(headers, refuse),
+        )
 
-        def failed(failure: Failure) -> None:
-            self.stats["media.refused"] += 1
-            log.warn(
-                "No media for call {callId}: {error}",
-                callId=headers["call-id"][0],
-                error=failure.getErrorMessage(),
+    def _sendWithMedia(
+        self,
+        body: bytes,
+        startLine: str,
+        headers: dict[str, list[str]],
+        out: IListener,
+        address: tuple[str, int],
+    ) -> None:
+        self.outbox.send(out, renderMessage(startLine, headers, body), address)
+
+    def _noMedia(
+        self,
+        failure: Failure,
+        headers: dict[str, list[str]],
+        refuse: Optional[tuple[Request, Via, tuple[str, int], IListener]],
+    ) -> None:
+        self.stats["media.refused"] += 1
+        log.warn(
+            "No media for call {callId}: {error}",
+            callId=headers["call-id"][0],
+            error=failure.getErrorMessage(),
+        )
+        if refuse is not None:
+            request, via, source, arrived = refuse
+            self.outbox.answer(
+                request, via, source, arrived, 503, "Media Unavailable", "Retry-After: 30\r\n"
             )
-            if refuse is not None:
-                request, via, source, arrived = refuse
-                self.outbox.answer(
-                    request, via, source, arrived, 503, "Media Unavailable", "Retry-After: 30\r\n"
-                )
-
-        sdp.addCallbacks(send, failed)
 
     def _outgoing(
         self,

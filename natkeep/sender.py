@@ -26,7 +26,6 @@ import math
 from collections import Counter, deque
 from typing import Any, Callable, Collection, Optional, Sequence
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -45,7 +44,7 @@ from natkeep.interfaces import (
 from natkeep.sip import Response
 from natkeep.strategies import Strategies
 
-log = Logger()
+log = Logger(namespace="natkeep.sender")
 
 #: Seconds after a heartbeat batch during which an ICMP error is matched to
 #: its bindings: far more than any round trip, and short enough to keep the
@@ -64,7 +63,6 @@ def _countOf(tally: _Tally, binding: Binding) -> int:
     return count
 
 
-@attrs.define(slots=True)
 class CycleReport:
     """
     What one cycle did.
@@ -81,15 +79,43 @@ class CycleReport:
     @ivar removed: bindings the expiry policy removed (liveness).
     """
 
-    started: float
-    due: int = 0
-    sent: int = 0
-    missed: int = 0
-    errors: int = 0
-    skipped: int = 0
-    removed: int = 0
-    batches: int = 0
-    duration: Optional[float] = None
+    __slots__ = (
+        "started",
+        "due",
+        "sent",
+        "missed",
+        "errors",
+        "skipped",
+        "removed",
+        "batches",
+        "duration",
+    )
+
+    def __init__(
+        self,
+        started: float,
+        due: int = 0,
+        sent: int = 0,
+        missed: int = 0,
+        errors: int = 0,
+        skipped: int = 0,
+        removed: int = 0,
+        batches: int = 0,
+        duration: Optional[float] = None,
+    ) -> None:
+        self.started = started
+        self.due = due
+        self.sent = sent
+        self.missed = missed
+        self.errors = errors
+        self.skipped = skipped
+        self.removed = removed
+        self.batches = batches
+        self.duration = duration
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"CycleReport({fields})"
 
 
 class HeartbeatSender(Service):
@@ -146,7 +172,7 @@ class HeartbeatSender(Service):
         )
         self.pacer: IPacer = strategies.pacer
         self.expiry: IExpiryPolicy = strategies.expiry
-        self.period: float = settings.period
+        self.period: float = float(settings.period)
         self.sendInterval = settings.sendInterval / 1000
         self.batchSize = settings.sendOneTime
         self.batchesPerCycle = settings.batchesPerCycle

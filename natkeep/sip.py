@@ -16,8 +16,6 @@ import re
 import zlib
 from typing import Container, Iterable, Iterator, NamedTuple, Optional, Union
 
-import attrs
-
 #: RFC 3261 §7.3.3 compact header forms, mapped to the lower-case full name.
 COMPACT_FORMS = {
     "v": "via",
@@ -120,28 +118,38 @@ class _HeaderFields:
         return values[0] if values else None
 
 
-@attrs.define(slots=True, eq=False)
 class Request(_HeaderFields):
     """
     A parsed SIP request.
     """
 
-    method: str
-    uri: str
-    headers: dict[str, list[str]]
-    body: bytes
+    __slots__ = ("method", "uri", "headers", "body")
+
+    def __init__(self, method: str, uri: str, headers: dict[str, list[str]], body: bytes) -> None:
+        self.method = method
+        self.uri = uri
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"Request(method={self.method!r}, uri={self.uri!r}, headers={self.headers!r})"
 
 
-@attrs.define(slots=True, eq=False)
 class Response(_HeaderFields):
     """
     A parsed SIP response.
     """
 
-    code: int
-    reason: str
-    headers: dict[str, list[str]]
-    body: bytes
+    __slots__ = ("code", "reason", "headers", "body")
+
+    def __init__(self, code: int, reason: str, headers: dict[str, list[str]], body: bytes) -> None:
+        self.code = code
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"Response(code={self.code}, reason={self.reason!r}, headers={self.headers!r})"
 
 
 Message = Union[Request, Response]
@@ -413,7 +421,6 @@ def splitHostPort(text: str) -> tuple[str, Optional[int]]:
     return host, port
 
 
-@attrs.define(slots=True, eq=False)
 class Via:
     """
     One Via field value (RFC 3261 §20.42).
@@ -421,11 +428,24 @@ class Via:
     @ivar sentBy: the host and port as written, for echoing back.
     """
 
-    protocol: str
-    host: str
-    port: Optional[int]
-    params: list[tuple[str, Optional[str]]]
-    sentBy: str
+    __slots__ = ("protocol", "host", "port", "params", "sentBy")
+
+    def __init__(
+        self,
+        protocol: str,
+        host: str,
+        port: Optional[int],
+        params: list[tuple[str, Optional[str]]],
+        sentBy: str,
+    ) -> None:
+        self.protocol = protocol
+        self.host = host
+        self.port = port
+        self.params = params
+        self.sentBy = sentBy
+
+    def __repr__(self) -> str:
+        return f"Via({self.render()!r})"
 
     def param(self, name: str) -> Optional[str]:
         return findParam(self.params, name)

@@ -28,7 +28,7 @@ from twisted.internet import error
 from twisted.logger import Logger
 from twisted.python import usage
 
-from natkeep import __version__
+from natkeep import __version__, build
 from natkeep.admin import BindingsAdmin
 from natkeep.bindings import BindingTable
 from natkeep.config import (
@@ -56,7 +56,7 @@ from natkeep.store import StoreError, ThreadedWriter
 from natkeep.stores import openStore
 from natkeep.strategies import Strategies, adviceFor, describeStrategies, makeStrategies
 
-log = Logger()
+log = Logger(namespace="natkeep.tap")
 
 #: Cyclic garbage collection thresholds.  Bindings are long-lived and form
 #: no garbage cycles, yet a full collection walks every one of them: with
@@ -104,7 +104,7 @@ class Options(usage.Options):
         """
         Print natkeep's version and exit.
         """
-        print(f"natkeep {__version__}")
+        print(f"natkeep {__version__} ({build()} build)")
         raise SystemExit(0)
 
     def opt_listen(self, address: str) -> None:
@@ -462,8 +462,10 @@ class Natkeep:
         for warning in adviceFor(settings):
             log.warn("{warning}", warning=warning)
         log.info(
-            "natkeep starting: payload {payload}, pacing {pacing}, expiry "
-            "{expiry}; capacity {capacity} devices per {period} s cycle",
+            "natkeep {version} ({build} build) starting: payload {payload}, pacing "
+            "{pacing}, expiry {expiry}; capacity {capacity} devices per {period} s cycle",
+            version=__version__,
+            build=build(),
             payload=settings.payload,
             pacing=settings.pacing,
             expiry=settings.expiry,
@@ -519,6 +521,7 @@ class Natkeep:
         settings = self.settings
         last = self.sender.lastCycle
         return {
+            "build": build(),
             "bindings": len(self.table),
             "nat_bindings": self.table.natCount(),
             "store": self.outbox.status(),

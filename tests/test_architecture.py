@@ -69,12 +69,13 @@ class ImportRuleTests(SynchronousTestCase):
     def test_interfacesNameOnlyValues(self) -> None:
         """
         C{natkeep.interfaces} imports only the modules of the value types it
-        names (the binding, the settings, the parsed message): no store,
-        service, registrar, protocol, outbox or sender.
+        names (the binding, the settings, the parsed message) and the
+        listener contract it re-exports: no store, service, registrar,
+        protocol, outbox or sender.
         """
         self.assertLessEqual(
             self.graph["natkeep.interfaces"],
-            {"natkeep.bindings", "natkeep.config", "natkeep.sip"},
+            {"natkeep.bindings", "natkeep.config", "natkeep.sip", "natkeep.listener"},
         )
 
     def test_statusNamesNoService(self) -> None:

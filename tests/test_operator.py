@@ -335,19 +335,21 @@ class CommandTests(SynchronousTestCase):
 
     def test_version(self) -> None:
         """
-        C{natkeep --version} names natkeep's version, not Twisted's.
+        C{natkeep --version} names natkeep's version and build, not
+        Twisted's version.
         """
+        expected = f"natkeep {natkeep.__version__} ({natkeep.build()} build)"
         result = natkeepCommand("--version")
-        self.assertEqual(result.stdout.strip(), f"natkeep {natkeep.__version__}")
+        self.assertEqual(result.stdout.strip(), expected)
         script = shutil.which("natkeep")
         self.assertIsNotNone(script, "the console script is installed")
         assert script is not None
         viaScript = subprocess.run([script, "--version"], capture_output=True, text=True)
-        self.assertEqual(viaScript.stdout.strip(), f"natkeep {natkeep.__version__}")
+        self.assertEqual(viaScript.stdout.strip(), expected)
         cwd = FilePath(self.mktemp())
         cwd.makedirs()
         viaTwistd = runTwistd(["natkeep", "--version"], cwd.path, cleanEnv())
-        self.assertEqual(viaTwistd.stdout.strip(), f"natkeep {natkeep.__version__}")
+        self.assertEqual(viaTwistd.stdout.strip(), expected)
 
     def test_check(self) -> None:
         """

@@ -10,6 +10,7 @@ from typing import Optional
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from natkeep.bindings import BindingTable
@@ -710,15 +711,14 @@ class ProtocolTests(SynchronousTestCase):
         Even a bug in the controller costs one datagram, counted.
         """
 
-        class Broken(Registrar):
+        @implementer(ISIPController)
+        class Broken:
             def requestReceived(self, *a: object) -> None:
                 raise RuntimeError("bug")
 
         clock = Clock()
         outbox = Outbox(clock, None, Counter())
-        protocol, _ = fakeSocket(
-            Broken(BindingTable(), clock, outbox, CapExpiry(3600, 300)), outbox, clock
-        )
+        protocol, _ = fakeSocket(Broken(), outbox, clock)
         protocol.datagramReceived(request("OPTIONS"), ("127.0.0.1", 1))
         self.assertEqual(outbox.stats["internal.errors"], 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
