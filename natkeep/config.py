@@ -14,6 +14,7 @@ import configparser
 import difflib
 import ipaddress
 import math
+import os
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
@@ -61,6 +62,19 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+#: The most worker processes natkeep runs.
+MAX_WORKERS = 64
+
+
+def _workers(text: str) -> int:
+    """
+    C{auto} (one per core) or a count of worker processes.
+    """
+    if text.strip().lower() == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    return _integer(1, MAX_WORKERS)(text)
 
 
 def _boolean(text: str) -> bool:
@@ -367,6 +381,17 @@ PARAMETERS: tuple[Parameter, ...] = (
         _listen,
         "HOST:PORT or [IPv6]:PORT, several allowed",
         "UDP address to listen on; repeat for several ([::]:5060 for IPv6).",
+    ),
+    Parameter(
+        "workers",
+        "workers",
+        "workers",
+        1,
+        _workers,
+        f"1..{MAX_WORKERS} or auto (one per core)",
+        "Worker processes sharing the listening sockets (SO_REUSEPORT); each device is "
+        "steered by its source IP to one worker, which holds its bindings and sends its "
+        "heartbeats.  SEND_ONE_TIME is shared out among them.",
     ),
     Parameter(
         "upstream",
@@ -735,6 +760,7 @@ class Settings:
     upstreamExpires: int = _DEFAULTS["upstreamExpires"]
     rateLimit: int = _DEFAULTS["rateLimit"]
     rateBurst: int = _DEFAULTS["rateBurst"]
+    workers: int = _DEFAULTS["workers"]
     rateExempt: tuple[str, ...] = _DEFAULTS["rateExempt"]
     maxContacts: int = _DEFAULTS["maxContacts"]
     contactsFull: str = _DEFAULTS["contactsFull"]

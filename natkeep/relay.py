@@ -49,6 +49,7 @@ from natkeep.config import Settings, isWildcard
 from natkeep.digest import CredentialsFile, Digest
 from natkeep.forward import RegisterForwarder
 from natkeep.guard import SourceFilter
+from natkeep.handoff import Handoff
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.media import MediaProxy, NGClient
 from natkeep.outbox import Outbox
@@ -243,6 +244,8 @@ class Relay:
         self._offering: set[tuple[str, str, str]] = set()
         #: Forward mode's state, when C{register_mode = forward}.
         self.forwarder: Optional[RegisterForwarder] = None
+        #: With several workers: passes on what is another worker's.
+        self.handoff: Optional[Handoff] = None
         self.upstream: Optional[tuple[str, int]] = None
         self.upstreamHost: Optional[str] = None
         self.domains: frozenset[str] = frozenset()
@@ -336,6 +339,51 @@ class Relay:
             return False
         return any(b.source == source for b in self.table.lookup(sender.addressOfRecord()))
 
+    def _handOff(
+        self, host: str, request: Request, source: tuple[str, int], arrived: IListener
+    ) -> bool:
+        """
+        With several workers: pass C{request} on to the worker of the
+        device at C{host}, unless that is this one.
+
+        @return: whether it was passed on.
+        """
+        handoff = self.handoff
+        if handoff is None or handoff.active:
+            return False
+        worker = handoff.workerOf(host)
+        if worker == handoff.index:
+            return False
+        data = renderMessage(
+            f"{request.method} {request.uri} SIP/2.0", request.headers, request.body
+        )
+        handoff.send(worker, self.listeners.index(arrived), source, data)
+        return True
+
+    def _heldElsewhere(
+        self, uri: URI, request: Request, source: tuple[str, int], arrived: IListener
+    ) -> bool:
+        """
+        With several workers: when C{uri}'s AOR has no binding here but one
+        at another worker by the store, pass C{request} on to that worker.
+
+        @return: whether it was passed on.
+        """
+        handoff = self.handoff
+        if handoff is None or handoff.active:
+            return False
+        aor = uri.addressOfRecord()
+        if self.table.lookup(aor):
+            return False
+        worker = handoff.holder(aor)
+        if worker is None:
+            return False
+        data = renderMessage(
+            f"{request.method} {request.uri} SIP/2.0", request.headers, request.body
+        )
+        handoff.send(worker, self.listeners.index(arrived), source, data)
+        return True
+
     def _isPeer(self, source: tuple[str, int]) -> bool:
         if self.upstream is not None and source[0] == self.upstream[0]:
             return True
@@ -419,7 +467,8 @@ class Relay:
             if branch.startswith(BRANCH_PREFIX) and branch.endswith(mark):
                 raise SIPError("Loop Detected", 482)
 
-        routes = splitValues(headers.get("route", []))
+        # A copy: the request stays as it came (a worker may hand it on).
+        routes = list(splitValues(headers.get("route", [])))
         flow: Optional[tuple[int, tuple[str, int]]] = None
         if routes:
             first = parseURI(parseNameAddr(routes[0]).uri)
@@ -443,6 +492,8 @@ class Relay:
         if flow is not None and flow[1] != source:
             # In a dialog natkeep recorded, toward the device of the token.
             index, address = flow
+            if self._handOff(address[0], request, source, arrived):
+                return
             if not 0 <= index < len(self.listeners):
                 raise SIPError("Unknown Flow", 400)
             destination = (self.listeners[index], address)
@@ -456,6 +507,8 @@ class Relay:
             if self.authAll and initial and method not in ("ACK", "CANCEL"):
                 assert self.digest is not None
                 self.digest.check(request, proxy=True)
+            if initial and not routes and self._heldElsewhere(uri, request, source, arrived):
+                return
             if initial and not routes and self._served(uri):
                 binding = self._target(uri)
                 target = binding.uri
@@ -467,6 +520,8 @@ class Relay:
         elif self._isPeer(source):
             if routes:
                 destination = self._nextHop(routes)
+            elif initial and self._heldElsewhere(uri, request, source, arrived):
+                return
             elif initial and self._served(uri):
                 binding = self._target(uri)
                 target = binding.uri
@@ -611,7 +666,11 @@ class Relay:
         top = via.render(("received", "rport"), f";received={source[0]};rport={source[1]}")
         branch = f"{BRANCH_PREFIX}{self._branchHash(top, inIndex)}.{loopKey}"
         forwarded = dict(request.headers)
-        forwarded["via"] = [f"SIP/2.0/UDP {sentBy};branch={branch};nki={inIndex}", top] + vias[1:]
+        worker = "" if self.handoff is None else f";nkw={self.handoff.index}"
+        forwarded["via"] = [
+            f"SIP/2.0/UDP {sentBy};branch={branch};nki={inIndex}{worker}",
+            top,
+        ] + vias[1:]
         forwarded["max-forwards"] = [str(forwards - 1)]
         if routes:
             forwarded["route"] = routes
@@ -742,6 +801,15 @@ class Relay:
         except (SIPError, ValueError):
             self.stats["relay.responses.unknown"] += 1
             return True
+        handoff = self.handoff
+        if handoff is not None and not handoff.active:
+            worker = ours.param("nkw")
+            if worker is not None and worker.isdigit() and int(worker) != handoff.index:
+                data = renderMessage(
+                    f"SIP/2.0 {response.code} {response.reason}", response.headers, response.body
+                )
+                handoff.send(int(worker), index, source, data)
+                return True
         if self.forwarder is not None and self.forwarder.responseReceived(response, branch):
             return True
         host = nextVia.param("received") or nextVia.host

@@ -17,7 +17,9 @@ reloads the settings are set up here too.
 from __future__ import annotations
 
 import gc
+import os
 import signal
+import socket
 import sys
 from collections import Counter
 from typing import Any, Callable, Mapping, Optional
@@ -42,6 +44,7 @@ from natkeep.config import (
     splitListen,
 )
 from natkeep.guard import SourceLimiter
+from natkeep.handoff import Handoff, StoreDirectory, groupName, listenHandoff
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.media import startClient
 from natkeep.metrics import Metrics
@@ -52,9 +55,11 @@ from natkeep.registrar import Registrar
 from natkeep.relay import Relay, RelayPlan
 from natkeep.sender import HeartbeatSender
 from natkeep.sip import Response
+from natkeep.steering import workerOf
 from natkeep.store import StoreError, ThreadedWriter
 from natkeep.stores import openStore
 from natkeep.strategies import Strategies, adviceFor, describeStrategies, makeStrategies
+from natkeep.workers import Supervisor, WorkerIdentity, WorkerReporter
 
 log = Logger(namespace="natkeep.tap")
 
@@ -99,6 +104,12 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        # Kept as given: workers are started with the same options.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_version(self) -> None:
         """
@@ -151,17 +162,29 @@ class ListenerServer(UDPServer):
     when it cannot bind.
     """
 
-    def __init__(self, protocol: SIPProtocol, reactor: Any, recordLocal: bool = False) -> None:
+    def __init__(
+        self,
+        protocol: SIPProtocol,
+        reactor: Any,
+        recordLocal: bool = False,
+        inherited: Optional[int] = None,
+    ) -> None:
         host, port = parseListenAddress(protocol.address)
         super().__init__(
             port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM, reactor=reactor
         )
         self.address = protocol.address
         self.recordLocal = recordLocal
+        self.inherited = inherited
 
     def _getPort(self) -> Any:
         port, protocol = self.args
         listening = ListeningPort(port, protocol, reactor=self.reactor, **self.kwargs)
+        if self.inherited is not None:
+            # A worker's socket, bound by the parent in its steered group.
+            family = socket.AF_INET6 if ":" in self.kwargs["interface"] else socket.AF_INET
+            inherited: Any = socket.socket(family, socket.SOCK_DGRAM, fileno=self.inherited)
+            listening._preexistingSocket = inherited
         listening.recordLocal = self.recordLocal
         try:
             listening.startListening()
@@ -188,7 +211,11 @@ class BindingsService(Service):
         writer: Optional[ThreadedWriter] = None,
         stats: Optional[Counter[str]] = None,
         ownership: Optional[Ownership] = None,
+        share: Optional[Callable[[str], bool]] = None,
     ) -> None:
+        #: Whether a device at this host is this process's (a worker's
+        #: share of the store); every device when L{None}.
+        self.share = share
         self.store = store
         self.table = table
         self.listeners = listeners
@@ -232,10 +259,13 @@ class BindingsService(Service):
         restored = 0
         orphans: Counter[str] = Counter()
         table = self.table
+        share = self.share
         for row in self.store.load(self.clock.seconds()):
             if row.listener not in addresses:
                 if row.listener not in self.listeners:
                     orphans[row.listener] += 1
+                continue
+            if share is not None and not share(row.host):
                 continue
             if table.get(row.aor, row.uri) is not None:
                 continue
@@ -339,12 +369,17 @@ class Natkeep:
         settings: Settings,
         reactor: Any,
         reloadSettings: Optional[Callable[[], Settings]] = None,
+        worker: Optional[WorkerIdentity] = None,
     ) -> None:
         """
+        @param worker: what makes this process a worker of several, if it
+            is one: its sockets are inherited, and it serves its share.
+
         @raise ConfigError: when a strategy is not installed or the store
             cannot be used.
         """
         self.settings = settings
+        self.worker = worker
         self.reactor = reactor
         self.reloadSettings = reloadSettings
         self.stats: Counter[str] = Counter()
@@ -392,22 +427,50 @@ class Natkeep:
             self.outbox,
             list(self.protocols.values()),
             self.stats,
+            secret=None if worker is None else worker.secret,
         )
         for protocol in self.protocols.values():
             protocol.controller = self.relay
+        self.handoff: Optional[Handoff] = None
+        if worker is not None and worker.count > 1:
+            self.handoff = listenHandoff(
+                reactor,
+                worker.index,
+                worker.count,
+                groupName(),
+                StoreDirectory(settings.db),
+                self.stats,
+                self._handedOff,
+            )
+            self.relay.handoff = self.handoff
         self.metrics: Optional[Metrics] = None
         self.admin: Optional[BindingsAdmin] = None
         self._apply(settings, strategies)
 
         self.service = MultiService()
+        share: Optional[Callable[[str], bool]] = None
         for protocol in self.protocols.values():
             # A relaying wildcard socket writes the address each datagram
             # arrived on into Via and Record-Route.
-            ListenerServer(protocol, reactor, bool(settings.upstream)).setServiceParent(
-                self.service
-            )
+            ListenerServer(
+                protocol,
+                reactor,
+                bool(settings.upstream),
+                None if worker is None else worker.sockets.get(protocol.address),
+            ).setServiceParent(self.service)
+        if worker is not None:
+            index, count = worker.index, worker.count
+            share = lambda host: workerOf(host, count) == index  # noqa: E731
+            WorkerReporter(self.snapshot, reactor).setServiceParent(self.service)
         self.bindings = BindingsService(
-            self.store, self.table, self.protocols, self.outbox, reactor, self.writer, self.stats
+            self.store,
+            self.table,
+            self.protocols,
+            self.outbox,
+            reactor,
+            self.writer,
+            self.stats,
+            share=share,
         )
         self.bindings.setServiceParent(self.service)
         sweeper = TimerService(SWEEP_INTERVAL, self.bindings.sweep)
@@ -430,6 +493,12 @@ class Natkeep:
             root = statusResource(self.snapshot, self.metrics.render, self.admin)
             site = GuardedFactory(Site(root, reactor=reactor), reactor)
             TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(self.service)
+
+    def _handedOff(self, listener: int, data: bytes, source: tuple[str, int]) -> None:
+        # Another worker's datagram about one of this worker's devices.
+        protocols = list(self.protocols.values())
+        if 0 <= listener < len(protocols):
+            protocols[listener].datagramReceived(data, source)
 
     def _responseReceived(self, response: Response, source: tuple[str, int]) -> None:
         # Answers to relayed requests go on; the rest are heartbeats'.
@@ -462,10 +531,13 @@ class Natkeep:
         for warning in adviceFor(settings):
             log.warn("{warning}", warning=warning)
         log.info(
-            "natkeep {version} ({build} build) starting: payload {payload}, pacing "
+            "natkeep {version} ({build} build){worker} starting: payload {payload}, pacing "
             "{pacing}, expiry {expiry}; capacity {capacity} devices per {period} s cycle",
             version=__version__,
             build=build(),
+            worker=""
+            if self.worker is None
+            else f" worker {self.worker.index} of {self.worker.count}, pid {os.getpid()},",
             payload=settings.payload,
             pacing=settings.pacing,
             expiry=settings.expiry,
@@ -522,6 +594,7 @@ class Natkeep:
         last = self.sender.lastCycle
         return {
             "build": build(),
+            "pid": os.getpid(),
             "bindings": len(self.table),
             "nat_bindings": self.table.natCount(),
             "store": self.outbox.status(),
@@ -580,6 +653,10 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
+        worker = WorkerIdentity.fromEnvironment(os.environ)
+    except ValueError as e:
+        raise SystemExit(f"natkeep: error: malformed worker environment: {e}")
+    try:
         settings = options.settings()
         for warning in options.warnings:
             sys.stderr.write(f"natkeep: warning: {warning}\n")
@@ -588,15 +665,55 @@ def makeService(options: Options) -> IService:
 
             raise SystemExit(printPlan(settings, options["devices"], sys.stdout))
         _checkLogFormat(settings, options)
-        natkeep = Natkeep(settings, reactor, reloadSettings=options.settings)
+        if worker is None and settings.workers > 1:
+            return _supervise(settings, options, reactor)
+        reloadSettings = options.settings
+        if worker is not None:
+            settings = worker.workerSettings(settings)
+            reloadSettings = lambda: worker.workerSettings(options.settings())  # noqa: E731
+        natkeep = Natkeep(settings, reactor, reloadSettings=reloadSettings, worker=worker)
     except ConfigError as e:
         raise SystemExit(f"natkeep: error: {e}")
     gc.set_threshold(*GC_THRESHOLDS)
-    if hasattr(signal, "SIGHUP"):
-        # The handler only schedules: the reload runs in the reactor.
-        signal.signal(
-            signal.SIGHUP,
-            lambda signum, frame: reactor.callFromThread(natkeep.reload),  # type: ignore[attr-defined]
-        )
+    _onHangup(reactor, natkeep.reload)
     natkeep.logStart()
     return natkeep.service
+
+
+def _onHangup(reactor: Any, action: Callable[[], object]) -> None:
+    if hasattr(signal, "SIGHUP"):
+        # The handler only schedules: the action runs in the reactor.
+        signal.signal(
+            signal.SIGHUP,
+            lambda signum, frame: reactor.callFromThread(action),
+        )
+
+
+def _supervise(settings: Settings, options: Options, reactor: Any) -> IService:
+    """
+    The parent of C{settings.workers} workers: their sockets, their lives,
+    and the status endpoint that shows them all.
+
+    @raise ConfigError: when the settings cannot be shared out.
+    """
+    if settings.db == ":memory:":
+        raise ConfigError(
+            "workers > 1 needs a store the workers share: db = a SQLite file or "
+            "postgresql://..., not :memory:"
+        )
+    supervisor = Supervisor(settings, options.argv, reactor)
+    supervisor.bind()
+    service = MultiService()
+    supervisor.setServiceParent(service)
+    if settings.status:
+        from twisted.web.server import Site
+
+        from natkeep.status import GuardedFactory, statusResource
+
+        metrics = Metrics(supervisor.snapshot, __version__)
+        host, port = parseListenAddress(settings.status)
+        root = statusResource(supervisor.snapshot, metrics.render, None)
+        site = GuardedFactory(Site(root, reactor=reactor), reactor)
+        TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(service)
+    _onHangup(reactor, supervisor.reload)
+    return service

@@ -1,0 +1,367 @@
+"""
+Every core: the kernel's steering by source IP, the merged status, and two
+real worker processes behind one parent (each device served by one worker,
+a killed worker replaced with its bindings, SIGHUP and stop reaching all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+from typing import Any
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from natkeep.config import ConfigError, buildSettings
+from natkeep.steering import sharedSockets, workerOf
+from natkeep.testing import register
+from natkeep.workers import WorkerIdentity, mergeSnapshots
+from tests.helpers import freePort
+from tests.processes import NatkeepProcess, haveSipp
+from tests.test_edge import freeTCPPort, placeCall, registerPhone
+
+
+def hostsOf(worker: int, count: int, many: int, start: int = 60) -> list[str]:
+    """
+    C{many} loopback addresses from 127.0.0.C{start} on that steer to
+    C{worker} of C{count}.
+    """
+    found = [
+        f"127.0.0.{last}"
+        for last in range(start, 250)
+        if workerOf(f"127.0.0.{last}", count) == worker
+    ]
+    return found[:many]
+
+
+class SteeringTests(SynchronousTestCase):
+    """
+    The kernel program and L{workerOf} agree, on real sockets.
+    """
+
+    def assertSteered(self, count: int, family: int, host: str, sources: list[str]) -> None:
+        port = freePort(family, host)
+        group = sharedSockets(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", count)
+        self.addCleanup(lambda: [s.close() for s in group])
+        for source in sources:
+            with socket.socket(family, socket.SOCK_DGRAM) as sender:
+                sender.bind((source, 0))
+                sender.sendto(b"ping", (host, port))
+            deadline = time.monotonic() + 2
+            got = []
+            while not got and time.monotonic() < deadline:
+                for index, sock in enumerate(group):
+                    try:
+                        sock.recvfrom(64)
+                        got.append(index)
+                    except BlockingIOError:
+                        pass
+            self.assertEqual(got, [workerOf(source, count)], source)
+
+    def test_ipv4(self) -> None:
+        """
+        Datagrams from 40 source addresses reach socket L{workerOf} of the
+        group, for two and for three workers; both sockets of two get some.
+        """
+        sources = [f"127.0.{i % 3}.{i}" for i in range(1, 41)]
+        self.assertEqual({workerOf(s, 2) for s in sources}, {0, 1})
+        self.assertSteered(2, socket.AF_INET, "127.0.0.1", sources)
+        self.assertSteered(3, socket.AF_INET, "127.0.0.1", sources)
+
+    def test_ipv6(self) -> None:
+        """
+        An IPv6 group is steered by the last 32 bits of the source.
+        """
+        try:
+            self.assertSteered(2, socket.AF_INET6, "::1", ["::1"])
+        except OSError as e:
+            raise SkipTest(f"no IPv6 loopback here: {e}")
+
+    def test_portLeftOut(self) -> None:
+        """
+        The worker depends on the source IP only: a NAT that gives a
+        device a new port keeps it on its worker.
+        """
+        self.assertEqual(workerOf("198.51.100.7", 4), workerOf("198.51.100.7", 4))
+        self.assertEqual(workerOf("::ffff:198.51.100.7", 4), workerOf("198.51.100.7", 4))
+        self.assertEqual(workerOf("not an address", 4), 0)
+        self.assertEqual(workerOf("198.51.100.7", 1), 0)
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_workers(self) -> None:
+        """
+        C{workers} takes 1..64 or C{auto} (the cores); a worker runs its
+        share of SEND_ONE_TIME and no status endpoint.
+        """
+        self.assertEqual(buildSettings({}, {}).workers, 1)
+        self.assertEqual(buildSettings({"workers": "auto"}, {}).workers, os.cpu_count() or 1)
+        with self.assertRaises(ConfigError) as raised:
+            buildSettings({"workers": "65"}, {})
+        self.assertIn("workers", str(raised.exception))
+        settings = buildSettings(
+            {"workers": "3", "SS_SIP_NAT_KEEP_ALIVE_SEND_ONE_TIME": "100", "status": "127.0.0.1:1"},
+            {},
+        )
+        mine = WorkerIdentity(1, 3, {}).workerSettings(settings)
+        self.assertEqual((mine.sendOneTime, mine.status), (34, None))
+
+    def test_identity(self) -> None:
+        """
+        A worker reads its index, sockets and secret from its environment;
+        a process without them is no worker; a malformed one is refused.
+        """
+        self.assertIsNone(WorkerIdentity.fromEnvironment({}))
+        identity = WorkerIdentity.fromEnvironment(
+            {
+                "NATKEEP_WORKER": "1/2",
+                "NATKEEP_WORKER_SOCKETS": "0.0.0.0:5060=4,[::]:5060=5",
+                "NATKEEP_WORKER_SECRET": "00ff",
+            }
+        )
+        assert identity is not None
+        self.assertEqual(
+            (identity.index, identity.count, identity.sockets, identity.secret),
+            (1, 2, {"0.0.0.0:5060": 4, "[::]:5060": 5}, b"\x00\xff"),
+        )
+        self.assertRaises(ValueError, WorkerIdentity.fromEnvironment, {"NATKEEP_WORKER": "2/2"})
+
+
+class MergeTests(SynchronousTestCase):
+    def test_sums(self) -> None:
+        """
+        Counts and counters are summed, a worker not reporting is shown
+        as such, and the settings are the whole service's.
+        """
+        report = {
+            "build": "mypyc",
+            "bindings": 3,
+            "nat_bindings": 2,
+            "counters": {"requests.REGISTER": 5},
+            "settings": {"capacity": 10, "send_one_time": 50},
+            "store": {"queue": 1, "lag_seconds": 0.5, "last_error": None},
+            "last_cycle": {"due": 2, "sent": 2, "started": 7.0, "duration_s": 0.1},
+        }
+        merged = mergeSnapshots(
+            [report, dict(report, bindings=4), None],
+            [{"index": 0}, {"index": 1}, {"index": 2}],
+            100,
+        )
+        self.assertEqual(merged["bindings"], 7)
+        self.assertEqual(merged["counters"], {"requests.REGISTER": 10})
+        self.assertEqual(merged["last_cycle"]["due"], 4)
+        self.assertEqual(merged["store"]["queue"], 2)
+        self.assertEqual([w["alive"] for w in merged["workers"]], [True, True, False])
+        self.assertEqual(merged["settings"]["send_one_time"], 100)
+        self.assertEqual(merged["settings"]["capacity"], 30)
+
+
+def status(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as page:
+        result: dict[str, Any] = json.load(page)
+        return result
+
+
+def waitFor(what: str, check: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except OSError:
+            last = None
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout} s (last: {last!r})")
+
+
+class TwoWorkerTests(SynchronousTestCase):
+    """
+    C{--workers 2}: real processes, real sockets, SQLite shared.
+    """
+
+    def setUp(self) -> None:
+        self.cwd = FilePath(self.mktemp())
+        self.cwd.makedirs()
+        self.port = freePort()
+        self.statusPort = freeTCPPort()
+        self.callerHost = hostsOf(1, 2, 1, start=70)[0]
+        self.callerPort = freePort(host=self.callerHost)
+        self.process = NatkeepProcess(
+            [
+                "--workers",
+                "2",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--db",
+                "natkeep.sqlite",
+                "--period",
+                "10",
+                "--send-interval",
+                "100",
+                "--upstream",
+                f"sip:{self.callerHost}:{self.callerPort}",
+                "--status",
+                f"127.0.0.1:{self.statusPort}",
+            ],
+            self.cwd.path,
+        )
+        self.addCleanup(self.process.stop)
+        self.process.waitReady("127.0.0.1", self.port)
+        waitFor(
+            "both workers reporting",
+            lambda: all(w["alive"] for w in status(self.statusPort)["workers"]),
+        )
+
+    def registerDevices(self, hosts: list[str]) -> list[socket.socket]:
+        """
+        Register a NATed device (private Contact) from each of C{hosts}.
+        """
+        devices = []
+        for n, host in enumerate(hosts):
+            device = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(device.close)
+            device.bind((host, 0))
+            device.settimeout(5)
+            user = f"20{n:02d}"
+            device.sendto(
+                register(
+                    user=user,
+                    contacts=[f"<sip:{user}@192.168.7.{n + 1}:5060>"],
+                    callId=f"reg-{host}",
+                ),
+                ("127.0.0.1", self.port),
+            )
+            self.assertTrue(device.recv(4096).startswith(b"SIP/2.0 200 OK"), host)
+            devices.append(device)
+        return devices
+
+    def heartbeatsTo(self, devices: list[socket.socket], seconds: float) -> list[list[float]]:
+        """
+        When each of C{devices} heard a heartbeat in the next C{seconds}.
+        """
+        heard: list[list[float]] = [[] for _ in devices]
+        deadline = time.monotonic() + seconds
+        for device in devices:
+            device.setblocking(False)
+        while time.monotonic() < deadline:
+            for i, device in enumerate(devices):
+                try:
+                    data, source = device.recvfrom(4096)
+                except BlockingIOError:
+                    continue
+                if source == ("127.0.0.1", self.port) and not data.startswith(b"SIP/"):
+                    heard[i].append(time.monotonic())
+            time.sleep(0.01)
+        return heard
+
+    def test_oneWorkerPerDevice(self) -> None:
+        """
+        Each device's REGISTER, its heartbeats and the calls to and from
+        it are handled by the worker its source IP steers to, and only by
+        it: that worker holds its binding and counts every relayed
+        request and response of its calls; the other worker only hands
+        the softswitch's datagrams over.  Every device hears one
+        heartbeat per period, not one per worker.
+        """
+        first = hostsOf(0, 2, 3)
+        second = hostsOf(1, 2, 2)
+        devices = self.registerDevices(first + second)
+        data = waitFor(
+            "the bindings shown per worker",
+            lambda: (s := status(self.statusPort))["bindings"] == 5 and s,
+        )
+        self.assertEqual([w["bindings"] for w in data["workers"]], [3, 2])
+        registers = [w["counters"].get("requests.REGISTER", 0) for w in data["workers"]]
+        self.assertEqual(registers, [3, 2])
+
+        heard = self.heartbeatsTo(devices, 12)
+        for host, times in zip(first + second, heard, strict=True):
+            # One heartbeat per PERIOD (10 s), from one worker: a second
+            # worker's would come at another point of the cycle.
+            self.assertGreaterEqual(len(times), 1, host)
+            gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+            self.assertTrue(all(gap > 8 for gap in gaps), (host, gaps))
+        data = status(self.statusPort)
+        self.assertEqual([(w["last_cycle"] or {}).get("due") for w in data["workers"]], [3, 2])
+
+        if not haveSipp():
+            raise SkipTest("sipp is not installed (Debian's sip-tester; .ci/run installs it)")
+        # The phone is worker 0's; the softswitch's address steers to 1.
+        phoneHost = first[0]
+        before = status(self.statusPort)["workers"]
+        for phoneHangsUp in (False, True):
+            phonePort = registerPhone(self, phoneHost, ("127.0.0.1", self.port))
+            placeCall(
+                self,
+                self.cwd,
+                phoneHangsUp,
+                (phoneHost, phonePort),
+                (self.callerHost, self.callerPort),
+                f"127.0.0.1:{self.port}",
+            )
+        time.sleep(1.5)
+        after = status(self.statusPort)["workers"]
+
+        def grew(worker: int, counter: str) -> int:
+            return int(
+                after[worker]["counters"].get(counter, 0)
+                - before[worker]["counters"].get(counter, 0)
+            )
+
+        # Two calls: INVITE, ACK, BYE each way, and their responses.
+        self.assertGreaterEqual(grew(0, "relay.requests"), 6)
+        self.assertGreaterEqual(grew(0, "relay.responses"), 6)
+        self.assertEqual((grew(1, "relay.requests"), grew(1, "relay.responses")), (0, 0))
+        self.assertGreater(grew(1, "workers.handoff.sent"), 0)
+        self.assertEqual(grew(1, "workers.handoff.sent"), grew(0, "workers.handoff.received"))
+        self.assertNotIn("Traceback", self.process.log())
+
+    def test_killedWorkerReplaced(self) -> None:
+        """
+        A worker killed with SIGKILL is started again by the parent on the
+        same socket, restores its devices from the store, and heartbeats
+        them again; the other worker is untouched.  SIGHUP to the parent
+        reaches both workers, and stopping the parent stops them.
+        """
+        first = hostsOf(0, 2, 3)
+        second = hostsOf(1, 2, 3)
+        devices = self.registerDevices(first + second)
+        data = waitFor(
+            "the bindings shown",
+            lambda: (s := status(self.statusPort))["bindings"] == 6 and s,
+        )
+        victim = data["workers"][1]["pid"]
+        survivor = data["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        data = waitFor(
+            "worker 1 replaced, its bindings restored",
+            lambda: (
+                (s := status(self.statusPort))["workers"][1]["restarts"] == 1
+                and s["workers"][1]["alive"]
+                and s["workers"][1]["bindings"] == 3
+                and s
+            ),
+        )
+        self.assertNotEqual(data["workers"][1]["pid"], victim)
+        self.assertEqual(data["workers"][0]["pid"], survivor)
+        self.assertEqual(data["bindings"], 6)
+        heard = self.heartbeatsTo(devices, 11)
+        self.assertTrue(all(heard), heard)
+        self.assertIn("Worker 1 ended", self.process.log())
+
+        self.process.process.send_signal(signal.SIGHUP)
+        waitFor(
+            "both workers reloaded",
+            lambda: self.process.log().count("Reloaded settings") == 2,
+        )
+        pids = [w["pid"] for w in status(self.statusPort)["workers"]]
+        self.assertEqual(self.process.stop(), -signal.SIGTERM)
+        for pid in pids:
+            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
