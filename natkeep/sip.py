@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Container, Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Container, Iterable, Iterator, Optional, Union
 
 #: RFC 3261 §7.3.3 compact header forms, mapped to the lower-case full name.
 COMPACT_FORMS = {
@@ -490,18 +490,38 @@ def parseVia(value: str) -> Via:
     return Via(protocol, host, port, parseParams(paramText), sentBy)
 
 
-class URI(NamedTuple):
+class URI:
     """
     The parts of a SIP URI that a registrar needs (RFC 3261 §19.1).
 
     @ivar text: the URI exactly as written.
     """
 
-    text: str
-    scheme: str
-    user: Optional[str]
-    host: str
-    port: Optional[int]
+    __slots__ = ("text", "scheme", "user", "host", "port")
+
+    def __init__(
+        self, text: str, scheme: str, user: Optional[str], host: str, port: Optional[int]
+    ) -> None:
+        self.text = text
+        self.scheme = scheme
+        self.user = user
+        self.host = host
+        self.port = port
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, URI) and (
+            self.text,
+            self.scheme,
+            self.user,
+            self.host,
+            self.port,
+        ) == (other.text, other.scheme, other.user, other.host, other.port)
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"URI({self.text!r})"
 
     def addressOfRecord(self) -> str:
         """
@@ -547,7 +567,7 @@ def parseURI(text: str) -> URI:
     return URI(text, scheme, user, host, port)
 
 
-class NameAddr(NamedTuple):
+class NameAddr:
     """
     A From, To or Contact field value: an optional display name, a URI and
     header parameters.
@@ -556,9 +576,27 @@ class NameAddr(NamedTuple):
     @ivar params: the header parameters, names lower-cased.
     """
 
-    display: str
-    uri: str
-    params: tuple[tuple[str, Optional[str]], ...]
+    __slots__ = ("display", "uri", "params")
+
+    def __init__(
+        self, display: str, uri: str, params: tuple[tuple[str, Optional[str]], ...]
+    ) -> None:
+        self.display = display
+        self.uri = uri
+        self.params = params
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NameAddr) and (self.display, self.uri, self.params) == (
+            other.display,
+            other.uri,
+            other.params,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.display, self.uri, self.params))
+
+    def __repr__(self) -> str:
+        return f"NameAddr({self.display!r}, {self.uri!r}, {self.params!r})"
 
     def param(self, name: str) -> Optional[str]:
         return findParam(self.params, name)
