@@ -31,6 +31,7 @@ HOT = [
     "natkeep/guard.py",
     "natkeep/nat.py",
     "natkeep/stun.py",
+    "natkeep/options.py",
 ]
 
 

@@ -29,6 +29,7 @@ HOT = [
     "guard",
     "nat",
     "stun",
+    "options",
 ]
 
 
