@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TWISTD = [
@@ -60,14 +60,14 @@ class Natkeep:
     C{twistd -n natkeep} in a child process pinned to core 0.
     """
 
-    def __init__(self, workdir: str, args: Sequence[str]) -> None:
+    def __init__(self, workdir: str, args: Sequence[str], pinned: bool = True) -> None:
         self.workdir = workdir
         self.log = os.path.join(workdir, "natkeep.log")
         # Another run in the same folder logged before: only what this one
         # writes counts.
         self._logStart = os.path.getsize(self.log) if os.path.exists(self.log) else 0
         command = TWISTD + ["-n", "--pidfile=", "--logfile", self.log, "natkeep", *args]
-        if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        if pinned and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
             command = ["taskset", "-c", "0"] + command
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         self.process = subprocess.Popen(
@@ -98,9 +98,10 @@ class Natkeep:
         raise RuntimeError(f"natkeep did not log {text!r} in {timeout} s; see {self.log}")
 
     def cpuSeconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """
+        CPU seconds of natkeep and of its worker processes, if any.
+        """
+        return treeCpuSeconds(self.process.pid)
 
     def rssBytes(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as f:
@@ -117,6 +118,40 @@ class Natkeep:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def processTree(root: int) -> list[int]:
+    """
+    C{root} and every process descended from it.
+    """
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree = [root]
+    for pid in tree:
+        tree.extend(child for child, parent in parents.items() if parent == pid)
+    return tree
+
+
+def treeCpuSeconds(root: int) -> float:
+    """
+    CPU seconds (user and system) of C{root} and its descendants now
+    alive.
+    """
+    total = 0
+    for pid in processTree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def deviceAddress(n: int) -> tuple[str, int]:
@@ -204,7 +239,7 @@ KEEPS_UP_P50_MS = 10.0
 
 
 def ramp(
-    natkeep: Natkeep,
+    natkeep: Any,
     rates: range,
     step: Callable[[int], dict[str, float]],
     describe: Callable[[int, dict[str, float]], str],
@@ -233,14 +268,14 @@ def ramp(
     return best, results
 
 
-def loadSocket() -> socket.socket:
+def loadSocket(host: str = "127.0.0.1") -> socket.socket:
     """
-    A non-blocking UDP socket on 127.0.0.1 with a 16 MiB receive buffer,
+    A non-blocking UDP socket on C{host} with a 16 MiB receive buffer,
     for a load generator that reads its answers between sends.
     """
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     bigReceiveBuffer(s, 16 << 20)
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     s.setblocking(False)
     return s
 
@@ -260,40 +295,44 @@ def registerStep(
     datagrams: Sequence[bytes],
     rate: int,
     seconds: float,
-    natkeep: Natkeep,
+    natkeep: Any,
     s: Optional[socket.socket] = None,
+    sockets: Sequence[socket.socket] = (),
 ) -> dict[str, float]:
     """
     Send C{datagrams} (REGISTERs) at C{rate} a second from C{s} (a fresh
-    L{loadSocket} when not given) and time each to its 200 OK.
+    L{loadSocket} when not given), or round the C{sockets} given, and time
+    each to its 200 OK.  C{natkeep} is anything with C{cpuSeconds()}.
 
     @return: the step's figures: sent, 200 OK, success ratio, p50/p99
         latency, natkeep's CPU microseconds per REGISTER.
     """
-    own = s is None
-    sock = loadSocket() if s is None else s
+    own = s is None and not sockets
+    socks = list(sockets) or [loadSocket() if s is None else s]
     sentAt: dict[bytes, float] = {}
     latencies: list[float] = []
     ok = 0
 
     def drain() -> bool:
         nonlocal ok
-        while True:
-            try:
-                data = sock.recv(4096)
-            except BlockingIOError:
-                return bool(sentAt)
-            if data.startswith(b"SIP/2.0 200"):
-                sent = sentAt.pop(_transaction(data), None)
-                if sent is not None:
-                    ok += 1
-                    latencies.append(time.monotonic() - sent)
+        for sock in socks:
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except BlockingIOError:
+                    break
+                if data.startswith(b"SIP/2.0 200"):
+                    sent = sentAt.pop(_transaction(data), None)
+                    if sent is not None:
+                        ok += 1
+                        latencies.append(time.monotonic() - sent)
+        return bool(sentAt)
 
     def sendOne(index: int) -> None:
         data = datagrams[index]
         sentAt[_transaction(data)] = time.monotonic()
         try:
-            sock.sendto(data, server)
+            socks[index % len(socks)].sendto(data, server)
         except BlockingIOError:
             pass
 
@@ -301,7 +340,7 @@ def registerStep(
     index, elapsed = paced(len(datagrams), rate, seconds, sendOne, drain)
     cpu = natkeep.cpuSeconds() - cpuBefore
     if own:
-        sock.close()
+        socks[0].close()
     latencies.sort()
     return {
         "rate": rate,

@@ -101,7 +101,7 @@ def meter(devices: int, start: float, end: float, period: float, out: str) -> No
             break
         now = time.monotonic()
         options = data.startswith(b"OPTIONS ")
-        if data != b"HELLO" and not options:
+        if data not in (b"HELLO", b"\0\0\0\0") and not options:
             floor += 1
             continue
         for level, kind, value in ancillary:

@@ -261,6 +261,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--no-kamailio", action="store_true")
     parser.add_argument(
+        "--allocator", default="tlsf", help="kamailio -x, as operators start it for load"
+    )
+    parser.add_argument(
         "--media", action="store_true", help="natkeep again with media through rtpengine"
     )
     arguments = parser.parse_args()
@@ -292,6 +295,8 @@ def main() -> None:
             runtime = os.path.join(folder, "run")
             os.makedirs(runtime, exist_ok=True)
             command = [KAMAILIO, "-DD", "-E", "-f", config, "-Y", runtime]
+            if arguments.allocator:
+                command += ["-x", arguments.allocator]
             if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
                 command = ["taskset", "-c", "0"] + command
             kamailio = subprocess.Popen(
@@ -300,7 +305,10 @@ def main() -> None:
             try:
                 time.sleep(2)
                 pids = kamailioPids(kamailio.pid)
-                print("kamailio 5.6 (forward(), stateless, children=1, one core):")
+                print(
+                    f"kamailio 5.6 -x {arguments.allocator or 'qm'} "
+                    "(forward(), stateless, children=1, one core):"
+                )
                 for rate in arguments.rates:
                     step = runStep(
                         folder,
