@@ -16,6 +16,11 @@ Which worker: a flow token names the device's address; a relayed
 request's Via carries the worker's index (C{nkw}); an AOR not in this
 worker's table is looked up in the shared store.  A datagram is handed off
 once at most: the worker it reaches handles it, whatever it finds.
+
+The same socket carries one notice: a worker that adds a binding tells the
+others, and one that held the same AOR and Contact (the device registered
+from another address, now steered elsewhere) drops its copy, so that no
+device is heartbeated by two workers.
 """
 
 from __future__ import annotations
@@ -123,6 +128,8 @@ class Handoff(DatagramProtocol):
         self.stats = stats
         self.active = False
         self.deliver: Optional[Callable[[int, bytes, tuple[str, int]], None]] = None
+        #: Drops this worker's copy of an AOR and Contact another took.
+        self.forget: Optional[Callable[[str, str], None]] = None
         #: A Unix datagram port (its C{write} takes a socket name).
         self.unix: Any = None
 
@@ -156,8 +163,28 @@ class Handoff(DatagramProtocol):
             self.stats["workers.handoff.failed"] += 1
             log.debug("Handoff to worker {worker} failed: {error}", worker=worker, error=str(e))
 
+    def added(self, aor: str, uri: str) -> None:
+        """
+        Tell every other worker that this one now holds C{aor}'s binding
+        of C{uri}.
+        """
+        notice = f"F\n{aor}\n{uri}".encode("utf-8", "surrogateescape")
+        for worker in range(self.count):
+            if worker == self.index:
+                continue
+            try:
+                self.unix.write(notice, socketName(self.group, worker))
+            except OSError:
+                # Restarting: it restores from the store, which is current.
+                self.stats["workers.handoff.failed"] += 1
+
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         header, sep, data = datagram.partition(b"\n")
+        if header == b"F":
+            aor, _, uri = data.decode("utf-8", "surrogateescape").partition("\n")
+            if self.forget is not None:
+                self.forget(aor, uri)
+            return
         try:
             listener, host, port = header.decode().split(" ")
             source = (host, int(port))

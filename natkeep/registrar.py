@@ -13,7 +13,7 @@ from __future__ import annotations
 import email.utils
 import math
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
@@ -86,6 +86,9 @@ class Registrar:
         self.stats: Counter[str] = outbox.stats if stats is None else stats
         self._dateSecond = -1
         self._date = ""
+        #: Told of each binding a REGISTER adds (with several workers: the
+        #: others drop their copy of a device that moved here).
+        self.onAdded: Optional[Callable[[Binding], None]] = None
 
     def configure(self, settings: Settings, strategies: Strategies) -> None:
         """
@@ -242,6 +245,8 @@ class Registrar:
                 )
                 self.table.add(binding)
                 self.stats["bindings.added"] += 1
+                if self.onAdded is not None:
+                    self.onAdded(binding)
             else:
                 binding = existing
                 self.table.refresh(

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from natkeep import __version__, build
-from natkeep.admin import BindingsAdmin
+from natkeep.admin import BindingsAdmin, WorkersAdmin
 from natkeep.bindings import BindingTable
 from natkeep.config import (
     BY_OPTION,
@@ -443,6 +443,9 @@ class Natkeep:
                 self._handedOff,
             )
             self.relay.handoff = self.handoff
+            self.handoff.forget = self._movedAway
+            handoff = self.handoff
+            self.registrar.onAdded = lambda binding: handoff.added(binding.aor, binding.uri)
         self.metrics: Optional[Metrics] = None
         self.admin: Optional[BindingsAdmin] = None
         self._apply(settings, strategies)
@@ -461,7 +464,12 @@ class Natkeep:
         if worker is not None:
             index, count = worker.index, worker.count
             share = lambda host: workerOf(host, count) == index  # noqa: E731
-            WorkerReporter(self.snapshot, reactor).setServiceParent(self.service)
+            self.workerAdmin = BindingsAdmin(
+                self.table, reactor, self.outbox.flush, None, self.stats
+            )
+            WorkerReporter(self.snapshot, reactor, self._answerParent).setServiceParent(
+                self.service
+            )
         self.bindings = BindingsService(
             self.store,
             self.table,
@@ -493,6 +501,30 @@ class Natkeep:
             root = statusResource(self.snapshot, self.metrics.render, self.admin)
             site = GuardedFactory(Site(root, reactor=reactor), reactor)
             TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(self.service)
+
+    def _answerParent(self, question: dict[str, Any]) -> dict[str, Any]:
+        # An admin request the parent authorised, for this worker's table.
+        request = question.get("admin") or {}
+        status, body = self.workerAdmin.answer(
+            str(request.get("method", "GET")).encode("ascii"),
+            [p.encode("utf-8", "surrogateescape") for p in request.get("postpath", [])],
+            {
+                k.encode("utf-8", "surrogateescape"): [
+                    v.encode("utf-8", "surrogateescape") for v in values
+                ]
+                for k, values in (request.get("args") or {}).items()
+            },
+        )
+        return {"status": status, "body": body}
+
+    def _movedAway(self, aor: str, uri: str) -> None:
+        # Another worker took this device (it registered from an address
+        # steered there): drop this copy, and leave the store to the new one.
+        binding = self.table.get(aor, uri)
+        if binding is not None:
+            self.table.remove(binding, durable=False)
+            self.stats["workers.moved"] += 1
+            log.info("{aor} {uri} registered at another worker; dropped here", aor=aor, uri=uri)
 
     def _handedOff(self, listener: int, data: bytes, source: tuple[str, int]) -> None:
         # Another worker's datagram about one of this worker's devices.
@@ -712,7 +744,8 @@ def _supervise(settings: Settings, options: Options, reactor: Any) -> IService:
 
         metrics = Metrics(supervisor.snapshot, __version__)
         host, port = parseListenAddress(settings.status)
-        root = statusResource(supervisor.snapshot, metrics.render, None)
+        admin = WorkersAdmin(supervisor.ask, settings.adminToken)
+        root = statusResource(supervisor.snapshot, metrics.render, admin)
         site = GuardedFactory(Site(root, reactor=reactor), reactor)
         TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(service)
     _onHangup(reactor, supervisor.reload)

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -365,3 +366,71 @@ class TwoWorkerTests(SynchronousTestCase):
         self.assertEqual(self.process.stop(), -signal.SIGTERM)
         for pid in pids:
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+    def test_deviceMoves(self) -> None:
+        """
+        A device that registers again from an address steered to the other
+        worker (a NAT that gave it a new public address) is that worker's
+        from then on: the first worker drops its copy, so the device is not
+        heartbeated twice, and the store holds the new address.
+        """
+        before, after = hostsOf(0, 2, 1)[0], hostsOf(1, 2, 1, start=120)[0]
+        for host, cseq in ((before, 1), (after, 2)):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device:
+                device.bind((host, 0))
+                device.settimeout(5)
+                device.sendto(
+                    register(
+                        user="3001",
+                        contacts=["<sip:3001@192.168.9.9:5060>"],
+                        callId="moving",
+                        cseq=cseq,
+                    ),
+                    ("127.0.0.1", self.port),
+                )
+                self.assertTrue(device.recv(4096).startswith(b"SIP/2.0 200 OK"))
+        data = waitFor(
+            "the binding moved to worker 1",
+            lambda: (
+                (s := status(self.statusPort))["workers"][0]["counters"].get("workers.moved")
+                and [w["bindings"] for w in s["workers"]] == [0, 1]
+                and s
+            ),
+        )
+        self.assertEqual(data["workers"][0]["counters"]["workers.moved"], 1)
+        self.assertEqual([w["bindings"] for w in data["workers"]], [0, 1])
+        self.assertEqual(data["bindings"], 1)
+
+    def test_admin(self) -> None:
+        """
+        The parent's C{/bindings} asks every worker and answers as one
+        table: the listing is merged and paged, an AOR is found at the
+        worker that holds it, and DELETE removes it there.
+        """
+        hosts = hostsOf(0, 2, 2) + hostsOf(1, 2, 2)
+        self.registerDevices(hosts)
+        base = f"http://127.0.0.1:{self.statusPort}/bindings"
+
+        def call(path: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+            request = urllib.request.Request(base + path, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as page:
+                    return page.status, json.load(page)
+            except urllib.error.HTTPError as e:
+                return e.code, json.load(e)
+
+        status_, listing = call("?limit=3&offset=1")
+        self.assertEqual((status_, listing["total"], len(listing["bindings"])), (200, 4, 3))
+        aors = [b["aor"] for b in listing["bindings"]]
+        self.assertEqual(aors, sorted(aors))
+        # 2003 registered from a worker-1 address.
+        status_, one = call("/sip:2003@example.com")
+        self.assertEqual((status_, one["bindings"][0]["source"].split(":")[0]), (200, hosts[3]))
+        status_, removed = call("/sip:2003@example.com", "DELETE")
+        self.assertEqual((status_, removed["removed"]), (200, ["sip:2003@192.168.7.4:5060"]))
+        self.assertEqual(call("/sip:2003@example.com")[0], 404)
+        waitFor(
+            "worker 1 down to one binding",
+            lambda: status(self.statusPort)["workers"][1]["bindings"] == 1,
+        )
+        self.assertEqual(call("", "POST")[0], 405)
