@@ -20,9 +20,10 @@ import json
 from collections import Counter
 from typing import Any, Callable, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.guard import inNetworks, networks
@@ -190,20 +191,24 @@ class BindingsAdmin(Resource):
         return b"" if request.method == b"HEAD" else body
 
     def _authorise(self, request: Request) -> None:
-        if self.token is None:
-            peer: Any = request.getClientAddress()
-            if not isLoopback(getattr(peer, "host", "")):
-                raise AdminError(403, "admin API is for loopback clients unless admin_token is set")
-            return
-        raw = request.getHeader(b"authorization") or b""
-        given = raw.decode("latin-1") if isinstance(raw, bytes) else raw
-        scheme, _, credential = given.partition(" ")
-        if not (
-            scheme.lower() == "bearer"
-            and hmac.compare_digest(credential.strip().encode("utf-8"), self.token.encode("utf-8"))
-        ):
-            request.setHeader(b"www-authenticate", b'Bearer realm="natkeep"')
-            raise AdminError(401, "a valid admin token is required")
+        authorise(request, self.token)
+
+    def answer(
+        self, method: bytes, postpath: list[bytes], args: dict[bytes, list[bytes]]
+    ) -> tuple[int, dict[str, Any]]:
+        """
+        The status and body of an admin request already authorised (a
+        worker answering for its parent, which checked the caller).
+        """
+        request: Any = _Forwarded(method, postpath, args)
+        try:
+            if method in (b"GET", b"HEAD"):
+                return 200, self._get(request)
+            if method == b"DELETE":
+                return 200, self._delete(request)
+            raise AdminError(405, "only GET and DELETE")
+        except AdminError as e:
+            return e.status, {"error": str(e)}
 
     def _path(self, request: Request) -> Optional[str]:
         parts = [part for part in request.postpath or [] if part]
@@ -270,3 +275,153 @@ class BindingsAdmin(Resource):
         self.commit()
         self.stats["admin.removed"] += len(bindings)
         return {"aor": aor, "removed": [b.uri for b in bindings]}
+
+
+class _Forwarded:
+    """
+    What L{BindingsAdmin} reads of a request, for one a parent forwarded.
+    """
+
+    def __init__(
+        self, method: bytes, postpath: list[bytes], args: dict[bytes, list[bytes]]
+    ) -> None:
+        self.method = method
+        self.postpath = postpath
+        self.args = args
+
+
+def authorise(request: Request, token: Optional[str]) -> None:
+    """
+    Refuse C{request} unless it may use the admin API: a loopback client
+    when there is no C{token}, else one that sends it as a bearer token.
+
+    @raise AdminError: 403 or 401.
+    """
+    if token is None:
+        peer: Any = request.getClientAddress()
+        if not isLoopback(getattr(peer, "host", "")):
+            raise AdminError(403, "admin API is for loopback clients unless admin_token is set")
+        return
+    raw = request.getHeader(b"authorization") or b""
+    given = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    scheme, _, credential = given.partition(" ")
+    if not (
+        scheme.lower() == "bearer"
+        and hmac.compare_digest(credential.strip().encode("utf-8"), token.encode("utf-8"))
+    ):
+        request.setHeader(b"www-authenticate", b'Bearer realm="natkeep"')
+        raise AdminError(401, "a valid admin token is required")
+
+
+class WorkersAdmin(Resource):
+    """
+    C{/bindings} on the parent of several workers: each request, once
+    authorised here, is asked of every worker (each answers for its own
+    table), and the answers are merged: the listings into one, sorted and
+    paged as one table would be; an AOR's bindings, or their removal, from
+    whichever workers hold them.
+
+    @ivar ask: sends a request to every running worker and fires with
+        their answers (C{{"status": ..., "body": ...}} each).
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        ask: Callable[[dict[str, Any]], Deferred[list[dict[str, Any]]]],
+        token: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.ask = ask
+        self.token = token or None
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        method = request.method
+        try:
+            authorise(request, self.token)
+            if method not in (b"GET", b"HEAD", b"DELETE"):
+                request.setHeader(b"allow", b"GET, HEAD, DELETE")
+                raise AdminError(405, "only GET and DELETE")
+            postpath = [part for part in request.postpath or [] if part]
+            args = dict(request.args or {})
+            page: Optional[tuple[int, int]] = None
+            if method != b"DELETE" and not postpath:
+                page = (
+                    _number(request, "offset", 0, 2**31),
+                    _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT),
+                )
+                # Every worker's first offset+limit, merged, give the page.
+                args[b"offset"] = [b"0"]
+                args[b"limit"] = [str(min(MAX_LIMIT, page[0] + page[1])).encode()]
+        except AdminError as e:
+            return self._finish(request, e.status, {"error": str(e)}, immediate=True)
+        question = {
+            "admin": {
+                "method": method.decode("ascii"),
+                "postpath": [p.decode("utf-8", "surrogateescape") for p in postpath],
+                "args": {
+                    k.decode("utf-8", "surrogateescape"): [
+                        v.decode("utf-8", "surrogateescape") for v in values
+                    ]
+                    for k, values in args.items()
+                },
+            }
+        }
+
+        def merged(answers: list[dict[str, Any]]) -> None:
+            status, body = _merge(answers, method, page)
+            self._finish(request, status, body)
+
+        def failed(failure: Any) -> None:
+            self._finish(request, 503, {"error": failure.getErrorMessage()})
+
+        self.ask(question).addCallbacks(merged, failed)
+        return NOT_DONE_YET
+
+    def _finish(
+        self, request: Request, status: int, body: dict[str, Any], immediate: bool = False
+    ) -> bytes:
+        data = b"" if request.method == b"HEAD" else json.dumps(body, indent=2).encode() + b"\n"
+        request.setResponseCode(status)
+        if immediate:
+            return data
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.write(data)
+            request.finish()
+        return b""
+
+
+def _merge(
+    answers: list[dict[str, Any]], method: bytes, page: Optional[tuple[int, int]]
+) -> tuple[int, dict[str, Any]]:
+    """
+    One answer from the workers' C{answers}.
+    """
+    if not answers:
+        return 503, {"error": "no worker is running"}
+    for answer in answers:
+        if answer.get("status") in (400, 405):
+            return int(answer["status"]), answer.get("body") or {}
+    found = [a.get("body") or {} for a in answers if a.get("status") == 200]
+    if page is not None:
+        offset, limit = page
+        bindings = sorted(
+            (b for body in found for b in body.get("bindings", [])),
+            key=lambda b: (b.get("aor", ""), b.get("contact", "")),
+        )
+        return 200, {
+            "total": sum(body.get("total", 0) for body in found),
+            "offset": offset,
+            "limit": limit,
+            "bindings": bindings[offset : offset + limit],
+        }
+    if not found:
+        first = answers[0]
+        return int(first.get("status", 404)), first.get("body") or {}
+    merged: dict[str, Any] = {"aor": found[0].get("aor")}
+    key = "removed" if method == b"DELETE" else "bindings"
+    merged[key] = [item for body in found for item in body.get(key, [])]
+    return 200, merged

@@ -9,8 +9,9 @@ to it; they all share the one binding store.
 
 Each worker's file descriptors:
 
-  - 0: the parent's control pipe.  The parent never writes to it; when it
-    closes, the parent is gone and the worker stops (no orphans).
+  - 0: the parent's control pipe: JSON lines asking the worker something
+    (an admin API request, answered on the report pipe).  When it closes,
+    the parent is gone and the worker stops (no orphans).
   - 1, 2: pipes to the parent.  A worker logs JSON lines (natkeep's JSON
     observer) to standard output, and the parent logs each event again,
     through its own observer, as "worker I: ..." under the event's own
@@ -72,6 +73,9 @@ STOP_TIMEOUT = 15.0
 #: Report lines longer than this are not a snapshot: dropped, logged.
 MAX_REPORT = 1 << 20
 
+#: Seconds the parent waits for the workers' answers to a question.
+ASK_TIMEOUT = 5.0
+
 
 class WorkerIdentity:
     """
@@ -132,15 +136,32 @@ class WorkerIdentity:
 
 class _Reports(Protocol):
     """
-    The worker's end of the control pipe (read: its end means the parent is
-    gone) and of the report pipe (written).
+    The worker's end of the control pipe (read: questions; its end means
+    the parent is gone) and of the report pipe (written).
     """
 
-    def __init__(self, parentGone: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        parentGone: Callable[[], None],
+        answer: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> None:
         self.parentGone = parentGone
+        self.answer = answer
+        self._buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
-        pass
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            try:
+                question = json.loads(line)
+                reply = {"reply": question["id"], **self.answer(question)}
+            except Exception:
+                log.failure("Answering the parent failed")
+                continue
+            transport: Any = self.transport
+            transport.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        self._buffer = self._buffer[-MAX_REPORT:]
 
     def connectionLost(self, reason: Failure = Failure(Exception("closed"))) -> None:
         self.parentGone()
@@ -152,9 +173,15 @@ class WorkerReporter(Service):
     stop the process when the parent goes.
     """
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]], reactor: Any) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], dict[str, Any]],
+        reactor: Any,
+        answer: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+    ) -> None:
         self.snapshot = snapshot
         self.reactor = reactor
+        self.answer = answer or (lambda question: {"status": 404, "body": {}})
         self._call: Any = None
         self._stdio: Any = None
 
@@ -164,7 +191,10 @@ class WorkerReporter(Service):
 
         standardIO: Any = stdio.StandardIO
         self._stdio = standardIO(
-            _Reports(self._parentGone), stdin=0, stdout=REPORT_FD, reactor=self.reactor
+            _Reports(self._parentGone, self.answer),
+            stdin=0,
+            stdout=REPORT_FD,
+            reactor=self.reactor,
         )
         self._report()
 
@@ -238,7 +268,9 @@ class _WorkerProcess(ProcessProtocol):
             except ValueError:
                 log.warn("Worker {index} sent a report that is not JSON", index=self.index)
                 continue
-            if isinstance(report, dict):
+            if isinstance(report, dict) and "reply" in report:
+                self.supervisor._answered(self.index, report)
+            elif isinstance(report, dict):
                 self.supervisor.reports[self.index] = report
         if len(self._buffer) > MAX_REPORT:
             log.warn("Worker {index} sent an overlong report line", index=self.index)
@@ -276,6 +308,8 @@ class Supervisor(Service):
         self._pending: dict[int, Any] = {}
         self._stopped: Optional[defer.Deferred[None]] = None
         self.secret = os.urandom(32)
+        self._questions = 0
+        self._asked: dict[int, tuple[set[int], list[dict[str, Any]], Any]] = {}
 
     def bind(self) -> None:
         """
@@ -358,6 +392,48 @@ class Supervisor(Service):
             delay=delay,
         )
         self._pending[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def ask(self, question: dict[str, Any]) -> defer.Deferred[list[dict[str, Any]]]:
+        """
+        Ask every running worker C{question}; fire with the answers that
+        came within L{ASK_TIMEOUT}.
+        """
+        self._questions += 1
+        number = self._questions
+        waiting = set(self.processes)
+        answers: list[dict[str, Any]] = []
+        d: defer.Deferred[list[dict[str, Any]]] = defer.Deferred()
+        timer = self.reactor.callLater(ASK_TIMEOUT, self._askedDone, number)
+        self._asked[number] = (waiting, answers, (d, timer))
+        line = json.dumps({"id": number, **question}, separators=(",", ":")).encode() + b"\n"
+        for index in sorted(waiting):
+            try:
+                self.processes[index].transport.writeToChild(0, line)
+            except Exception:
+                waiting.discard(index)
+        if not waiting:
+            self._askedDone(number)
+        return d
+
+    def _answered(self, index: int, reply: dict[str, Any]) -> None:
+        asked = self._asked.get(reply.get("reply", -1))
+        if asked is None:
+            return
+        waiting, answers, _ = asked
+        if index in waiting:
+            waiting.discard(index)
+            answers.append(reply)
+        if not waiting:
+            self._askedDone(reply["reply"])
+
+    def _askedDone(self, number: int) -> None:
+        asked = self._asked.pop(number, None)
+        if asked is None:
+            return
+        _, answers, (d, timer) = asked
+        if timer.active():
+            timer.cancel()
+        d.callback(answers)
 
     def signalAll(self, signum: int) -> None:
         """
