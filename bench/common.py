@@ -67,8 +67,8 @@ class Natkeep:
         # writes counts.
         self._logStart = os.path.getsize(self.log) if os.path.exists(self.log) else 0
         command = TWISTD + ["-n", "--pidfile=", "--logfile", self.log, "natkeep", *args]
-        if pinned and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-            command = ["taskset", "-c", "0"] + command
+        if pinned:
+            command = onCore(0, command)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         self.process = subprocess.Popen(
             command,
@@ -118,6 +118,30 @@ class Natkeep:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+#: Kamailio as Debian installs it.
+KAMAILIO = "/usr/sbin/kamailio"
+KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+
+
+def onCore(core: int, command: list[str]) -> list[str]:
+    """
+    C{command} pinned to C{core} with C{taskset}, where there is more than
+    one core.
+    """
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(core), *command]
+    return command
+
+
+def kamailioCommand(config: str, runtime: str, core: int, *extra: str) -> list[str]:
+    """
+    Kamailio in the foreground on C{config}, its runtime files in
+    C{runtime} (made here), pinned to C{core}, with C{extra} options.
+    """
+    os.makedirs(runtime, exist_ok=True)
+    return onCore(core, [KAMAILIO, "-DD", "-E", "-f", config, "-Y", runtime, *extra])
 
 
 def processTree(root: int) -> list[int]:

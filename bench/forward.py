@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,10 +29,18 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Natkeep, freePort, loadSocket, pin, ramp, registerStep  # noqa: E402
+from common import (  # noqa: E402
+    KAMAILIO,
+    KAMAILIO_MODULES,
+    Natkeep,
+    freePort,
+    kamailioCommand,
+    loadSocket,
+    pin,
+    ramp,
+    registerStep,
+)
 
-KAMAILIO = "/usr/sbin/kamailio"
-MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 CORE = "127.0.0.60"
 EDGE = "127.0.0.61"
 
@@ -85,13 +92,9 @@ def startCore(workdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
     port = freePort()
     config = os.path.join(workdir, "core.cfg")
     with open(config, "w") as f:
-        f.write(CORE_CONFIG.format(host=CORE, port=port, modules=MODULES))
+        f.write(CORE_CONFIG.format(host=CORE, port=port, modules=KAMAILIO_MODULES))
     log = os.path.join(workdir, "core.log")
-    runtime = os.path.join(workdir, "run")
-    os.makedirs(runtime, exist_ok=True)
-    command = [KAMAILIO, "-DD", "-E", "-f", config, "-Y", runtime]
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        command = ["taskset", "-c", "1"] + command
+    command = kamailioCommand(config, os.path.join(workdir, "run"), 1)
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     time.sleep(1.5)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,13 +31,19 @@ from typing import Callable, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import CLOCK_TICKS, Natkeep, freePort  # noqa: E402
+from common import (  # noqa: E402
+    KAMAILIO,
+    KAMAILIO_MODULES,
+    Natkeep,
+    freePort,
+    kamailioCommand,
+    onCore,
+    treeCpuSeconds,
+)
 
 from natkeep.testing import sippCounts  # noqa: E402
 
 SIPP_FOLDER = os.path.join(os.path.dirname(HERE), "tests", "sipp")
-KAMAILIO = "/usr/sbin/kamailio"
-KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 
 #: Messages a call sends through the proxy: INVITE, 180, 200, ACK, BYE, 200.
 MESSAGES_PER_CALL = 6
@@ -64,24 +69,6 @@ def scenario(folder: str, name: str, caller: str = "caller@192.0.2.99") -> str:
     return path
 
 
-def cpuOf(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        except OSError:
-            continue
-    return total
-
-
-def onCore1(command: list[str]) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", "1"] + command
-    return command
-
-
 def runStep(
     folder: str,
     proxy: str,
@@ -92,9 +79,10 @@ def runStep(
 ) -> dict[str, float]:
     calls = rate * seconds
     phone = subprocess.Popen(
-        onCore1(
+        onCore(
+            1,
             ["sipp", "-sf", scenario(folder, "phone.xml"), "-i", PHONE, "-p", str(phonePort)]
-            + ["-s", "1001", "-nostdin", "-timeout", f"{seconds + 20}s", "-m", str(calls), proxy]
+            + ["-s", "1001", "-nostdin", "-timeout", f"{seconds + 20}s", "-m", str(calls), proxy],
         ),
         cwd=folder,
         stdout=subprocess.PIPE,
@@ -106,10 +94,11 @@ def runStep(
     before = cpu()
     started = time.monotonic()
     caller = subprocess.run(
-        onCore1(
+        onCore(
+            1,
             ["sipp", "-sf", scenario(folder, "caller.xml"), "-i", CALLER, "-p", str(freePort())]
             + ["-s", "1001", "-nostdin", "-r", str(rate), "-m", str(calls), "-l", str(rate * 4)]
-            + ["-timeout", f"{seconds + 20}s", proxy]
+            + ["-timeout", f"{seconds + 20}s", proxy],
         ),
         cwd=folder,
         capture_output=True,
@@ -158,19 +147,6 @@ request_route {{
     forward("{phone}", {phonePort});
 }}
 """
-
-
-def kamailioPids(main: int) -> list[int]:
-    found = [main]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == main:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
 
 
 def natkeepSteps(
@@ -227,7 +203,8 @@ def startRtpengine(folder: str) -> tuple[subprocess.Popen[bytes], int]:
     """
     ng = freePort()
     log = os.path.join(folder, "rtpengine.log")
-    command = onCore1(
+    command = onCore(
+        1,
         [
             "rtpengine",
             "--interface=127.0.0.1",
@@ -241,7 +218,7 @@ def startRtpengine(folder: str) -> tuple[subprocess.Popen[bytes], int]:
             "--log-stderr",
             "--log-level=4",
             "--no-fallback",
-        ]
+        ],
     )
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -292,19 +269,13 @@ def main() -> None:
                         port=kport, modules=KAMAILIO_MODULES, phone=PHONE, phonePort=phonePort
                     )
                 )
-            runtime = os.path.join(folder, "run")
-            os.makedirs(runtime, exist_ok=True)
-            command = [KAMAILIO, "-DD", "-E", "-f", config, "-Y", runtime]
-            if arguments.allocator:
-                command += ["-x", arguments.allocator]
-            if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-                command = ["taskset", "-c", "0"] + command
+            allocator = ["-x", arguments.allocator] if arguments.allocator else []
+            command = kamailioCommand(config, os.path.join(folder, "run"), 0, *allocator)
             kamailio = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             try:
                 time.sleep(2)
-                pids = kamailioPids(kamailio.pid)
                 print(
                     f"kamailio 5.6 -x {arguments.allocator or 'qm'} "
                     "(forward(), stateless, children=1, one core):"
@@ -316,7 +287,7 @@ def main() -> None:
                         phonePort,
                         rate,
                         arguments.seconds,
-                        lambda: cpuOf(pids),
+                        lambda: treeCpuSeconds(kamailio.pid),
                     )
                     results["kamailio"].append(step)
                     print(f"  {step}")

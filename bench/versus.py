@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -27,9 +26,12 @@ import time
 from typing import Any
 
 from common import (
+    KAMAILIO,
+    KAMAILIO_MODULES,
     METER_PORT,
     Natkeep,
     freePort,
+    kamailioCommand,
     loadSocket,
     pin,
     ramp,
@@ -38,7 +40,6 @@ from common import (
 )
 from heartbeat import PERIOD, startMeter
 from register_load import registerBytes
-from relay import KAMAILIO, KAMAILIO_MODULES
 
 KAMAILIO_REGISTRAR = """#!KAMAILIO
 debug=0
@@ -89,13 +90,8 @@ class Kamailio:
                     sipping="setbflag(7);" if options else "",
                 )
             )
-        runtime = os.path.join(workdir, "run")
-        os.makedirs(runtime, exist_ok=True)
-        command = [KAMAILIO, "-DD", "-E", "-f", config, "-Y", runtime, "-m", "1024", "-M", "64"]
-        if allocator:
-            command += ["-x", allocator]
-        if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-            command = ["taskset", "-c", "0"] + command
+        options = ["-m", "1024", "-M", "64"] + (["-x", allocator] if allocator else [])
+        command = kamailioCommand(config, os.path.join(workdir, "run"), 0, *options)
         self.log = os.path.join(workdir, "kamailio.log")
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=out)

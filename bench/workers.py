@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from register_load import registerBytes
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
 from natkeep.steering import workerOf  # noqa: E402
+from natkeep.testing import sippCounts  # noqa: E402
 
 
 def sources() -> list[str]:
@@ -115,12 +115,6 @@ SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 """
 
 
-def sippCounts(output: str) -> tuple[int, int]:
-    ok = re.search(r"Successful call\s*\|\s*\d+\s*\|\s*(\d+)", output)
-    failed = re.search(r"Failed call\s*\|\s*\d+\s*\|\s*(\d+)", output)
-    return (int(ok.group(1)) if ok else 0, int(failed.group(1)) if failed else 0)
-
-
 def runSipp(workers: int, rates: range, seconds: float) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="natkeep-bench-")
     scenario = os.path.join(workdir, "register.xml")
@@ -184,8 +178,8 @@ def runSipp(workers: int, rates: range, seconds: float) -> dict[str, Any]:
                     time.sleep(0.2)
                 out, _ = run.communicate(timeout=30)
                 a, b = sippCounts(out)
-                ok += a
-                failed += b
+                ok += max(a, 0)
+                failed += max(b, 0)
                 sippCpu += cpu
             elapsed = time.monotonic() - began
             cpu = natkeep.cpuSeconds() - cpuBefore
