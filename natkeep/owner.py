@@ -22,6 +22,24 @@ from typing import Callable, Iterable
 
 from natkeep.config import isWildcard, parseListenAddress
 
+#: Linux C{IP_FREEBIND}: bind an address not (yet) on this host.
+_IP_FREEBIND = 15
+
+
+def bindAhead(sock: socket.socket, host: str) -> None:
+    """
+    Let C{sock} bind C{host} before the address is on this host (a
+    standby binds a floating address before it comes); a typo is then
+    reported as an address not held.  Nothing for a wildcard, or where the
+    option is missing.
+    """
+    if isWildcard(host):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+    except OSError:
+        pass
+
 
 def isLocal(host: str) -> bool:
     """

@@ -33,6 +33,7 @@ from natkeep.config import Settings, isWildcard
 from natkeep.guard import SourceLimiter
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
+from natkeep.owner import bindAhead
 from natkeep.sip import (
     MAX_MESSAGE_SIZE,
     Request,
@@ -89,7 +90,6 @@ _ERROR_COST = 64
 
 #: Linux's options for the local address a datagram arrived on.
 _IP_PKTINFO = 8
-_IP_FREEBIND = 15
 _IPV6_RECVPKTINFO = 49
 _IPV6_PKTINFO = 50
 _PKTINFO_SPACE = socket.CMSG_SPACE(20)
@@ -129,13 +129,7 @@ class ListeningPort(udp.Port):
 
     def createInternetSocket(self) -> socket.socket:
         sock: socket.socket = super().createInternetSocket()
-        if not isWildcard(self.interface):
-            # A standby binds a floating address before it comes (see
-            # natkeep.owner); a typo is reported as an address not held.
-            try:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
-            except OSError:
-                pass
+        bindAhead(sock, self.interface)
         return sock
 
     def _bindSocket(self) -> None:

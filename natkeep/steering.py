@@ -27,13 +27,11 @@ import ipaddress
 import socket
 import struct
 
-from natkeep.config import isWildcard, parseListenAddress
+from natkeep.config import parseListenAddress
+from natkeep.owner import bindAhead
 
 #: Linux C{SO_ATTACH_REUSEPORT_CBPF} (asm-generic/socket.h).
 SO_ATTACH_REUSEPORT_CBPF = 51
-
-#: Linux C{IP_FREEBIND}: bind an address not (yet) on this host.
-_IP_FREEBIND = 15
 
 #: The multiplier of the hash (Knuth's, 2**32 over the golden ratio).
 MULTIPLIER = 0x9E3779B1
@@ -123,11 +121,7 @@ def sharedSockets(address: str, count: int) -> list[socket.socket]:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if not isWildcard(host):
-                try:
-                    sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
-                except OSError:
-                    pass
+            bindAhead(sock, host)
             sock.setblocking(False)
             sock.bind((host, port))
             if port == 0:
