@@ -354,10 +354,7 @@ class Relay:
         worker = handoff.workerOf(host)
         if worker == handoff.index:
             return False
-        data = renderMessage(
-            f"{request.method} {request.uri} SIP/2.0", request.headers, request.body
-        )
-        handoff.send(worker, self.listeners.index(arrived), source, data)
+        self._passOn(handoff, worker, request, source, arrived)
         return True
 
     def _heldElsewhere(
@@ -378,11 +375,21 @@ class Relay:
         worker = handoff.holder(aor)
         if worker is None:
             return False
+        self._passOn(handoff, worker, request, source, arrived)
+        return True
+
+    def _passOn(
+        self,
+        handoff: Handoff,
+        worker: int,
+        request: Request,
+        source: tuple[str, int],
+        arrived: IListener,
+    ) -> None:
         data = renderMessage(
             f"{request.method} {request.uri} SIP/2.0", request.headers, request.body
         )
         handoff.send(worker, self.listeners.index(arrived), source, data)
-        return True
 
     def _isPeer(self, source: tuple[str, int]) -> bool:
         if self.upstream is not None and source[0] == self.upstream[0]:
