@@ -464,9 +464,6 @@ class Natkeep:
         if worker is not None:
             index, count = worker.index, worker.count
             share = lambda host: workerOf(host, count) == index  # noqa: E731
-            self.workerAdmin = BindingsAdmin(
-                self.table, reactor, self.outbox.flush, None, self.stats
-            )
             WorkerReporter(self.snapshot, reactor, self._answerParent).setServiceParent(
                 self.service
             )
@@ -485,27 +482,25 @@ class Natkeep:
         sweeper.clock = reactor
         sweeper.setServiceParent(self.service)
         self.sender.setServiceParent(self.service)
+        if settings.status or worker is not None:
+            # A worker answers its parent's admin requests (see _answerParent).
+            self.admin = BindingsAdmin(
+                self.table, reactor, self.outbox.flush, settings.adminToken, self.stats
+            )
         if settings.status:
-            from twisted.web.server import Site
-
-            from natkeep.status import GuardedFactory, statusResource
-
             self.metrics = Metrics(self.snapshot, __version__)
             self.sender.onCycle = self.metrics.cycleFinished
             if self.relay.mediaClient is not None:
                 self.relay.mediaClient.onLatency = self.metrics.ngAnswered
-            self.admin = BindingsAdmin(
-                self.table, reactor, self.outbox.flush, settings.adminToken, self.stats
-            )
-            host, port = parseListenAddress(settings.status)
-            root = statusResource(self.snapshot, self.metrics.render, self.admin)
-            site = GuardedFactory(Site(root, reactor=reactor), reactor)
-            TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(self.service)
+            _statusServer(
+                settings.status, self.snapshot, self.metrics.render, self.admin, reactor
+            ).setServiceParent(self.service)
 
     def _answerParent(self, question: dict[str, Any]) -> dict[str, Any]:
         # An admin request the parent authorised, for this worker's table.
         request = question.get("admin") or {}
-        status, body = self.workerAdmin.answer(
+        assert self.admin is not None
+        status, body = self.admin.answer(
             str(request.get("method", "GET")).encode("ascii"),
             [p.encode("utf-8", "surrogateescape") for p in request.get("postpath", [])],
             {
@@ -738,15 +733,33 @@ def _supervise(settings: Settings, options: Options, reactor: Any) -> IService:
     service = MultiService()
     supervisor.setServiceParent(service)
     if settings.status:
-        from twisted.web.server import Site
-
-        from natkeep.status import GuardedFactory, statusResource
-
         metrics = Metrics(supervisor.snapshot, __version__)
-        host, port = parseListenAddress(settings.status)
-        admin = WorkersAdmin(supervisor.ask, settings.adminToken)
-        root = statusResource(supervisor.snapshot, metrics.render, admin)
-        site = GuardedFactory(Site(root, reactor=reactor), reactor)
-        TCPServer(port, site, interface=host, reactor=reactor).setServiceParent(service)
+        _statusServer(
+            settings.status,
+            supervisor.snapshot,
+            metrics.render,
+            WorkersAdmin(supervisor.ask, settings.adminToken),
+            reactor,
+        ).setServiceParent(service)
     _onHangup(reactor, supervisor.reload)
     return service
+
+
+def _statusServer(
+    address: str,
+    snapshot: Callable[[], dict[str, Any]],
+    metrics: Callable[[], bytes],
+    admin: Any,
+    reactor: Any,
+) -> TCPServer:
+    """
+    The status endpoint (C{/status}, C{/metrics}, C{/bindings}) on the TCP
+    C{address}.
+    """
+    from twisted.web.server import Site
+
+    from natkeep.status import GuardedFactory, statusResource
+
+    host, port = parseListenAddress(address)
+    site = GuardedFactory(Site(statusResource(snapshot, metrics, admin), reactor=reactor), reactor)
+    return TCPServer(port, site, interface=host, reactor=reactor)
