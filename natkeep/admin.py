@@ -35,6 +35,10 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 10_000
 
 
+#: The methods the admin API takes.
+_METHODS = (b"GET", b"HEAD", b"DELETE")
+
+
 class AdminError(Exception):
     """
     A request the admin API refuses, with its HTTP status.
@@ -176,14 +180,9 @@ class BindingsAdmin(Resource):
         request.setHeader(b"cache-control", b"no-store")
         try:
             self._authorise(request)
-            method = request.method
-            if method in (b"GET", b"HEAD"):
-                result = self._get(request)
-            elif method == b"DELETE":
-                result = self._delete(request)
-            else:
+            if request.method not in _METHODS:
                 request.setHeader(b"allow", b"GET, HEAD, DELETE")
-                raise AdminError(405, "only GET and DELETE")
+            result = self._dispatch(request)
         except AdminError as e:
             request.setResponseCode(e.status)
             result = {"error": str(e)}
@@ -202,13 +201,16 @@ class BindingsAdmin(Resource):
         """
         request: Any = _Forwarded(method, postpath, args)
         try:
-            if method in (b"GET", b"HEAD"):
-                return 200, self._get(request)
-            if method == b"DELETE":
-                return 200, self._delete(request)
-            raise AdminError(405, "only GET and DELETE")
+            return 200, self._dispatch(request)
         except AdminError as e:
             return e.status, {"error": str(e)}
+
+    def _dispatch(self, request: Request) -> dict[str, Any]:
+        if request.method in (b"GET", b"HEAD"):
+            return self._get(request)
+        if request.method == b"DELETE":
+            return self._delete(request)
+        raise AdminError(405, "only GET and DELETE")
 
     def _path(self, request: Request) -> Optional[str]:
         parts = [part for part in request.postpath or [] if part]
@@ -342,7 +344,7 @@ class WorkersAdmin(Resource):
         method = request.method
         try:
             authorise(request, self.token)
-            if method not in (b"GET", b"HEAD", b"DELETE"):
+            if method not in _METHODS:
                 request.setHeader(b"allow", b"GET, HEAD, DELETE")
                 raise AdminError(405, "only GET and DELETE")
             postpath = [part for part in request.postpath or [] if part]

@@ -36,6 +36,7 @@ import signal
 import sys
 from typing import Any, Callable, Mapping, Optional
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -125,8 +126,6 @@ class WorkerIdentity:
         the workers together send at the configured pace), and no status
         endpoint (the parent serves it).
         """
-        import attrs
-
         return attrs.evolve(
             settings,
             sendOneTime=max(1, math.ceil(settings.sendOneTime / self.count)),
