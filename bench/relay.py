@@ -197,6 +197,43 @@ def natkeepSteps(
     return steps
 
 
+def floorSteps(
+    folder: str, phonePort: int, arguments: argparse.Namespace
+) -> list[dict[str, float]]:
+    """
+    The rate steps through bench/floor.py, pinned to core 0 like natkeep.
+    """
+    port = freePort()
+    forwarder = subprocess.Popen(
+        onCore(
+            0,
+            [sys.executable, os.path.join(HERE, "floor.py")]
+            + ["--listen", f"127.0.0.1:{port}", "--phone", f"{PHONE}:{phonePort}"],
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    steps = []
+    try:
+        time.sleep(1)
+        print("Twisted floor (bench/floor.py: receive and send, no parsing, one core):")
+        for rate in arguments.rates:
+            step = runStep(
+                folder,
+                f"127.0.0.1:{port}",
+                phonePort,
+                rate,
+                arguments.seconds,
+                lambda: treeCpuSeconds(forwarder.pid),
+            )
+            steps.append(step)
+            print(f"  {step}")
+    finally:
+        forwarder.terminate()
+        forwarder.wait(10)
+    return steps
+
+
 def startRtpengine(folder: str) -> tuple[subprocess.Popen[bytes], int]:
     """
     Debian's rtpengine on loopback, userspace only, on core 1.
@@ -238,6 +275,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--no-kamailio", action="store_true")
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the bare Twisted forwarder of bench/floor.py: the least a Twisted relay costs",
+    )
+    parser.add_argument(
         "--allocator", default="tlsf", help="kamailio -x, as operators start it for load"
     )
     parser.add_argument(
@@ -245,6 +287,8 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"natkeep": [], "kamailio": []}
+    if arguments.floor:
+        results["floor"] = []
 
     with tempfile.TemporaryDirectory() as folder:
         phonePort = freePort()
@@ -258,6 +302,9 @@ def main() -> None:
             finally:
                 engine[0].terminate()
                 engine[0].wait(10)
+
+        if arguments.floor:
+            results["floor"] = floorSteps(folder, phonePort, arguments)
 
         kamailio: Optional[subprocess.Popen[bytes]] = None
         if not arguments.no_kamailio and os.path.exists(KAMAILIO):

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings
@@ -52,7 +52,6 @@ MAX_CONTACTS_PER_AOR = 16
 MAX_CONTACT_LENGTH = 512
 
 
-@implementer(ISIPController)
 class Registrar:
     """
     The registrar's logic, shared by every listening socket.
@@ -363,3 +362,8 @@ class Registrar:
             self._dateSecond = second
             self._date = email.utils.formatdate(second, usegmt=True)
         return self._date
+
+
+# A zope class decorator would make the class a plain Python one when
+# compiled; declared here, the class stays native.
+classImplements(Registrar, ISIPController)

@@ -42,7 +42,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings, isWildcard
@@ -60,6 +60,7 @@ from natkeep.sip import (
     Response,
     SIPError,
     Via,
+    findParam,
     parseNameAddr,
     parseParams,
     parseURI,
@@ -84,6 +85,9 @@ MAX_FORWARDS = 70
 #: advertised and learnt local addresses).
 _MAX_OWN = 256
 
+#: The loop key's hash, copied for each request.
+_LOOP_HASH = hashlib.blake2b(digest_size=5)
+
 #: Methods that get no Record-Route: they create no dialog.
 _NO_RECORD_ROUTE = frozenset({"ACK", "CANCEL", "REGISTER"})
 
@@ -102,20 +106,36 @@ class FlowTokens:
     and its public address.  A token this run did not sign decodes to
     nothing, so a Route cannot aim natkeep at an address of someone's
     choosing.
+
+    Every call to or from a device carries the same token, so the tokens
+    made and the tokens verified are remembered (at most
+    L{_TOKENS_REMEMBERED} of each; only signed ones are).
     """
 
     def __init__(self, secret: bytes) -> None:
         self.secret = secret[:64]
+        self._made: dict[tuple[int, tuple[str, int]], str] = {}
+        self._verified: dict[str, tuple[int, tuple[str, int]]] = {}
 
     def _mac(self, data: bytes) -> bytes:
         return hashlib.blake2b(data, digest_size=8, key=self.secret).digest()
 
     def encode(self, listener: int, address: tuple[str, int]) -> str:
-        host = address[0]
-        packed = struct.pack("!BH", listener, address[1]) + socket.inet_pton(_family(host), host)
-        return FLOW_PREFIX + _b64(packed + self._mac(packed))
+        key = (listener, address)
+        token = self._made.get(key)
+        if token is None:
+            host = address[0]
+            packed = struct.pack("!BH", listener, address[1]) + socket.inet_pton(
+                _family(host), host
+            )
+            token = FLOW_PREFIX + _b64(packed + self._mac(packed))
+            _remember(self._made, key, token)
+        return token
 
     def decode(self, token: str) -> Optional[tuple[int, tuple[str, int]]]:
+        known = self._verified.get(token)
+        if known is not None:
+            return known
         if not token.startswith(FLOW_PREFIX):
             return None
         try:
@@ -126,8 +146,20 @@ class FlowTokens:
         if len(packed) not in (7, 19) or not hmac.compare_digest(mac, self._mac(packed)):
             return None
         listener, port = struct.unpack("!BH", packed[:3])
-        host = str(ipaddress.ip_address(packed[3:]))
-        return listener, (host, port)
+        family = socket.AF_INET if len(packed) == 7 else socket.AF_INET6
+        flow = (listener, (socket.inet_ntop(family, packed[3:]), port))
+        _remember(self._verified, token, flow)
+        return flow
+
+
+#: The most flow tokens L{FlowTokens} remembers made, and verified.
+_TOKENS_REMEMBERED = 4096
+
+
+def _remember(memory: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(memory) >= _TOKENS_REMEMBERED:
+        memory.clear()
+    memory[key] = value
 
 
 class RelayPlan(NamedTuple):
@@ -198,7 +230,6 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-@implementer(ISIPController)
 class Relay:
     """
     The controller in front of the registrar: it serves the domain check,
@@ -231,6 +262,8 @@ class Relay:
         self.stats: Counter[str] = Counter() if stats is None else stats
         self.secret = secret or os.urandom(32)
         self.tokens = FlowTokens(self.secret)
+        # Keyed once: each branch hash copies it rather than key a new one.
+        self._branchMac = hashlib.blake2b(digest_size=8, key=self.secret[:64])
         #: Who may register (C{allow}, C{deny}).
         self.sources = SourceFilter()
         #: Digest authentication, when C{auth} is on.
@@ -251,6 +284,8 @@ class Relay:
         self.domains: frozenset[str] = frozenset()
         self.trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
         self._own: set[tuple[str, int]] = set()
+        #: The sent-bys already counted in C{_own}, as written.
+        self._sentBys: set[str] = set()
         for listener in self.listeners:
             for address in (listener.sentBy, listener.address):
                 host, port = splitHostPort(address)
@@ -314,10 +349,13 @@ class Relay:
         Count C{sentBy} among natkeep's own addresses (a wildcard socket's
         local addresses are learnt as datagrams arrive on them).
         """
+        if sentBy in self._sentBys:
+            return
         host, port = splitHostPort(sentBy)
         key = (host.lower(), port or 5060)
-        if key not in self._own and len(self._own) < _MAX_OWN:
+        if len(self._own) < _MAX_OWN and len(self._sentBys) < _MAX_OWN:
             self._own.add(key)
+            self._sentBys.add(sentBy)
 
     def _ours(self, uri: URI) -> bool:
         return (uri.host.lower(), uri.port or 5060) in self._own
@@ -492,7 +530,6 @@ class Relay:
             target = parseNameAddr(routes.pop()).uri
             uri = parseURI(target)
 
-        fromDevice = self._isDevice(request, source)
         initial = _toTag(request) is None
         recordFlow: Optional[str] = None
         destination: tuple[IListener, tuple[str, int]]
@@ -508,7 +545,7 @@ class Relay:
                 # Along a Path (forward mode): the dialog must come back
                 # through the same flow.
                 recordFlow = self.tokens.encode(index, address)
-        elif flow is not None or fromDevice:
+        elif flow is not None or self._isDevice(request, source):
             # From a device: to another device of ours, else onward by the
             # Route set, else to the upstream.
             if self.authAll and initial and method not in ("ACK", "CANCEL"):
@@ -773,14 +810,14 @@ class Relay:
         headers = request.headers
         number = headers["cseq"][0].split(None, 1)[0]
         text = "|".join((request.uri, headers["call-id"][0], number, headers["from"][0]))
-        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=5).hexdigest()
+        digest = _LOOP_HASH.copy()
+        digest.update(text.encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
 
     def _branchHash(self, previous: str, listener: int) -> str:
-        return hashlib.blake2b(
-            f"{listener}|{previous}".encode("utf-8", "surrogateescape"),
-            digest_size=8,
-            key=self.secret[:64],
-        ).hexdigest()
+        digest = self._branchMac.copy()
+        digest.update(f"{listener}|{previous}".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
 
     # Responses
 
@@ -795,9 +832,11 @@ class Relay:
         if len(vias) < 2 or BRANCH_PREFIX not in vias[0]:
             return False
         try:
-            ours = parseVia(vias[0])
-            branch = ours.param("branch") or ""
-            index = int(ours.param("nki") or "-1")
+            # natkeep's own Via: only its parameters matter, and the hash
+            # below proves them.
+            ours = parseParams(vias[0].partition(";")[2])
+            branch = findParam(ours, "branch") or ""
+            index = int(findParam(ours, "nki") or "-1")
             digest = branch[len(BRANCH_PREFIX) :].partition(".")[0]
             if not (0 <= index < len(self.listeners)) or not hmac.compare_digest(
                 digest, self._branchHash(vias[1], index)
@@ -810,7 +849,7 @@ class Relay:
             return True
         handoff = self.handoff
         if handoff is not None and not handoff.active:
-            worker = ours.param("nkw")
+            worker = findParam(ours, "nkw")
             if worker is not None and worker.isdigit() and int(worker) != handoff.index:
                 data = renderMessage(
                     f"SIP/2.0 {response.code} {response.reason}", response.headers, response.body
@@ -857,6 +896,11 @@ class Relay:
 
 #: Methods whose SDP is an offer natkeep has rtpengine rewrite.
 _OFFERS = ("INVITE", "UPDATE")
+
+
+# A zope class decorator would make the class a plain Python one when
+# compiled; declared here, the class stays native.
+classImplements(Relay, ISIPController)
 
 
 def _passing(call: Callable[[Any], object], argument: Any) -> Callable[[Any], Any]:
@@ -909,8 +953,12 @@ def _maxForwards(request: Request) -> int:
 
 
 def _toTag(request: Request) -> Optional[str]:
+    value = request.headers["to"][0]
+    if "=" not in value:
+        # No parameter with a value, so no tag: most initial requests.
+        return None
     try:
-        return parseNameAddr(request.headers["to"][0]).param("tag")
+        return parseNameAddr(value).param("tag")
     except SIPError:
         return None
 

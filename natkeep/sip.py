@@ -182,32 +182,20 @@ def parseMessage(data: bytes) -> Message:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise SIPError("Header Not UTF-8")
-    if "\r\n" in text:
-        lines = text.split("\r\n")
-        # A stray bare LF inside CRLF-ended lines still ends a line.
-        if text.count("\n") != len(lines) - 1:
-            lines = [line.rstrip("\r") for line in text.split("\n")]
-    else:
-        lines = text.split("\n")
+    # A line ends at LF, with or without a CR before it (a stray bare LF
+    # among CRLFs still ends a line); each value is stripped of the CR with
+    # the rest of its surrounding white space.
+    lines = text.split("\n")
     if len(lines) > MAX_HEADER_LINES:
         deferred = deferred or SIPError("Too Many Header Lines", 513)
-    if "\n " in text or "\n\t" in text:
-        lines = _unfold(lines)
     first = lines[0]
-    headers: dict[str, list[str]] = {}
-    canonical = _CANONICAL
-    for line in lines[1:]:
-        raw, sep, value = line.partition(":")
-        if not sep:
+    if first.endswith("\r"):
+        first = first[:-1]
+    headers = _fields(lines)
+    if headers is None:
+        headers = _fields(_unfold(lines))
+        if headers is None:
             raise SIPError("Malformed Header Line")
-        try:
-            name = canonical[raw]
-        except KeyError:
-            name = _headerName(raw)
-        if name in headers:
-            headers[name].append(value.strip())
-        else:
-            headers[name] = [value.strip()]
     message: Message
     if first.startswith(_STATUS_LINE_PREFIX):
         parts = first.split(" ", 2)
@@ -240,6 +228,32 @@ def parseMessage(data: bytes) -> Message:
         e.partial = message
         raise
     return message
+
+
+def _fields(lines: list[str]) -> Optional[dict[str, list[str]]]:
+    """
+    The header fields of C{lines} (the start line first, skipped), or
+    L{None} when a line continues another (RFC 3261 §7.3.1 folding) or
+    has no colon: the caller unfolds the lines and asks again, and what
+    still has no colon then is malformed.
+    """
+    headers: dict[str, list[str]] = {}
+    canonical = _CANONICAL
+    for line in lines[1:]:
+        raw, sep, value = line.partition(":")
+        name = canonical.get(raw) if sep else None
+        if name is None:
+            # A name as first written (the cache never holds one starting
+            # with white space), a continuation line, or no header at all.
+            if not sep or line[:1] in (" ", "\t"):
+                return None
+            name = _headerName(raw)
+        values = headers.get(name)
+        if values is None:
+            headers[name] = [value.strip()]
+        else:
+            values.append(value.strip())
+    return headers
 
 
 def _unfold(lines: list[str]) -> list[str]:
