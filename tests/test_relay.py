@@ -19,7 +19,7 @@ from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry
 from natkeep.protocol import SIPProtocol
 from natkeep.registrar import Registrar
-from natkeep.relay import BRANCH_PREFIX, FLOW_PREFIX, FlowTokens, Relay
+from natkeep.relay import _TOKENS_REMEMBERED, BRANCH_PREFIX, FLOW_PREFIX, FlowTokens, Relay
 from natkeep.sip import Request, Response, parseMessage, parseVia, splitValues
 from natkeep.testing import fakeSocket, register
 
@@ -326,6 +326,36 @@ class DialogTests(RelayTestCase):
             self.assertIsNone(tokens.decode(token[:-2] + "AA"))
         self.assertIsNone(tokens.decode("nkf-!!!"))
         self.assertIsNone(tokens.decode("other"))
+
+    def test_tokensRemembered(self) -> None:
+        """
+        A token made or verified once is remembered: made again it is the
+        same string, and a second decode gives the same flow.  Only signed
+        tokens are remembered, and no more than the limit.
+        """
+        tokens = FlowTokens(b"s" * 32)
+        token = tokens.encode(0, ("192.0.2.1", 5060))
+        self.assertIs(tokens.encode(0, ("192.0.2.1", 5060)), token)
+        self.assertEqual(tokens.decode(token), (0, ("192.0.2.1", 5060)))
+        self.assertEqual(tokens.decode(token), (0, ("192.0.2.1", 5060)))
+        forged = FlowTokens(b"x" * 32).encode(0, ("192.0.2.1", 5060))
+        for _ in range(2):
+            self.assertIsNone(tokens.decode(forged))
+        for n in range(_TOKENS_REMEMBERED + 10):
+            address = (f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", 5060)
+            self.assertEqual(tokens.decode(tokens.encode(0, address)), (0, address))
+        self.assertLessEqual(len(tokens._made), _TOKENS_REMEMBERED)
+        self.assertLessEqual(len(tokens._verified), _TOKENS_REMEMBERED)
+        # Forgotten, still decoded: memory only saves the work.
+        self.assertEqual(tokens.decode(token), (0, ("192.0.2.1", 5060)))
+
+    def test_tokenMappedAddress(self) -> None:
+        """
+        An IPv4-mapped IPv6 source decodes in the form the socket gave it.
+        """
+        tokens = FlowTokens(b"s" * 32)
+        address = ("::ffff:192.0.2.7", 5060)
+        self.assertEqual(tokens.decode(tokens.encode(2, address)), (2, address))
 
 
 class OutboundTests(RelayTestCase):

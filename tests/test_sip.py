@@ -69,6 +69,36 @@ class ParseMessageTests(SynchronousTestCase):
         data = b"OPTIONS sip:a SIP/2.0\r\nSubject: one\r\n  two\r\n\r\n"
         self.assertEqual(parseMessage(data).header("subject"), "one two")
 
+    def test_foldingAnywhere(self) -> None:
+        """
+        A continuation line holding a colon is still a continuation, with
+        LF or CRLF line ends; a line with no colon that a continuation
+        completes is read as the two joined.
+        """
+        for end in (b"\r\n", b"\n"):
+            data = end.join(
+                [b"OPTIONS sip:a SIP/2.0", b"Contact: <sip:a@h>,", b"\t<sip:b@h:5070>", b"", b""]
+            )
+            self.assertEqual(parseMessage(data).header("contact"), "<sip:a@h>, <sip:b@h:5070>")
+        data = b"OPTIONS sip:a SIP/2.0\r\nSubject\r\n : hello\r\nCall-ID: x\r\n\r\n"
+        message = parseMessage(data)
+        self.assertEqual(message.header("subject"), "hello")
+        self.assertEqual(message.header("call-id"), "x")
+
+    def test_mixedLineEnds(self) -> None:
+        """
+        A bare LF among CRLF line ends still ends a line, and no value or
+        start line keeps a CR.
+        """
+        data = b"OPTIONS sip:a SIP/2.0\r\nCall-ID: x\nCSeq: 1 OPTIONS\r\nVia: SIP/2.0/UDP h\r\n\r\n"
+        message = parseMessage(data)
+        assert isinstance(message, Request)
+        self.assertEqual(message.uri, "sip:a")
+        self.assertEqual(
+            [message.header(n) for n in ("call-id", "cseq", "via")],
+            ["x", "1 OPTIONS", "SIP/2.0/UDP h"],
+        )
+
     def test_bareLineFeeds(self) -> None:
         """
         Lines ended by LF alone are accepted.
