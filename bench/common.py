@@ -66,7 +66,9 @@ class Natkeep:
         # Another run in the same folder logged before: only what this one
         # writes counts.
         self._logStart = os.path.getsize(self.log) if os.path.exists(self.log) else 0
-        command = TWISTD + ["-n", "--pidfile=", "--logfile", self.log, "natkeep", *args]
+        # BENCH_TWISTD: twistd's own options for an A/B run (--reactor=poll).
+        extra = os.environ.get("BENCH_TWISTD", "").split()
+        command = TWISTD + ["-n", "--pidfile=", "--logfile", self.log, *extra, "natkeep", *args]
         if pinned:
             command = onCore(0, command)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
