@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -287,32 +288,120 @@ class BuildInfo(Collector):
         yield family
 
 
+#: The histograms: name, HELP text, buckets.
+HISTOGRAMS: tuple[tuple[str, str, tuple[float, ...]], ...] = (
+    (
+        "natkeep_cycle_duration_seconds",
+        "Seconds each finished heartbeat cycle took, start to last batch.",
+        CYCLE_BUCKETS,
+    ),
+    (
+        "natkeep_media_ng_latency_seconds",
+        "Seconds from an rtpengine ng command to its answer (with its retries).",
+        NG_BUCKETS,
+    ),
+)
+
+
+def histogramData(histogram: Histogram) -> dict[str, Any]:
+    """
+    What C{histogram} holds, as JSON: its cumulative bucket counts in
+    bucket order, and the sum of what it observed.
+    """
+    buckets: list[float] = []
+    total = 0.0
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.append(sample.value)
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    return {"buckets": buckets, "sum": total}
+
+
+def mergeHistograms(reports: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """
+    The histograms of several processes (each a L{Metrics.histograms}) as
+    one: bucket counts and sums added.  A report whose buckets do not match
+    the known ones (another version mid-upgrade) is left out.
+    """
+    reports = list(reports)
+    merged: dict[str, dict[str, Any]] = {}
+    for name, _, bounds in HISTOGRAMS:
+        buckets = [0.0] * len(bounds)
+        total = 0.0
+        for report in reports:
+            data = report.get(name)
+            if not isinstance(data, dict):
+                continue
+            counts = data.get("buckets")
+            if not isinstance(counts, list) or len(counts) != len(bounds):
+                continue
+            buckets = [a + float(b) for a, b in zip(buckets, counts, strict=True)]
+            total += float(data.get("sum") or 0.0)
+        merged[name] = {"buckets": buckets, "sum": total}
+    return merged
+
+
+def _bound(bound: float) -> str:
+    # A bucket's le label as prometheus_client writes it.
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class MergedHistograms(Collector):
+    """
+    The histograms of all the workers, summed by the parent: read at each
+    scrape from C{snapshot()["histograms"]} (L{mergeHistograms}), and
+    present, empty, before the first report.
+    """
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        histograms = self.snapshot().get("histograms") or {}
+        for name, help, bounds in HISTOGRAMS:
+            data = histograms.get(name) or {}
+            counts = data.get("buckets") or [0.0] * len(bounds)
+            yield HistogramMetricFamily(
+                name,
+                help,
+                buckets=[
+                    (_bound(bound), count) for bound, count in zip(bounds, counts, strict=True)
+                ],
+                sum_value=data.get("sum", 0.0),
+            )
+
+
 class Metrics:
     """
-    One registry for one natkeep: its counters, the cycle histogram, build
-    info and the process collector.
+    One registry for one natkeep: its counters, the cycle and ng latency
+    histograms, build info and the process collector.
 
     @ivar registry: what C{/metrics} renders.
     @ivar cycleDuration: observed at the end of each heartbeat cycle.
     """
 
-    def __init__(self, snapshot: Callable[[], Mapping[str, Any]], version: str) -> None:
+    def __init__(
+        self, snapshot: Callable[[], Mapping[str, Any]], version: str, merged: bool = False
+    ) -> None:
+        """
+        @param merged: for the parent of workers: the histograms are the
+            workers', summed from C{snapshot()["histograms"]}, rather than
+            observed here.
+        """
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(CounterCollector(snapshot))
         self.registry.register(BuildInfo(version))
         ProcessCollector(registry=self.registry)
-        self.cycleDuration = Histogram(
-            "natkeep_cycle_duration_seconds",
-            "Seconds each finished heartbeat cycle took, start to last batch.",
-            buckets=CYCLE_BUCKETS,
-            registry=self.registry,
-        )
-        self.ngLatency = Histogram(
-            "natkeep_media_ng_latency_seconds",
-            "Seconds from an rtpengine ng command to its answer (with its retries).",
-            buckets=NG_BUCKETS,
-            registry=self.registry,
-        )
+        registry = self.registry
+        if merged:
+            self.registry.register(MergedHistograms(snapshot))
+            # Observed nowhere: kept off the registry.
+            registry = CollectorRegistry()
+        (cycle, cycleHelp, cycleBuckets), (ng, ngHelp, ngBuckets) = HISTOGRAMS
+        self.cycleDuration = Histogram(cycle, cycleHelp, buckets=cycleBuckets, registry=registry)
+        self.ngLatency = Histogram(ng, ngHelp, buckets=ngBuckets, registry=registry)
 
     def ngAnswered(self, latency: float) -> None:
         """
@@ -325,6 +414,13 @@ class Metrics:
         A heartbeat cycle finished in C{duration} seconds.
         """
         self.cycleDuration.observe(duration)
+
+    def histograms(self) -> dict[str, dict[str, Any]]:
+        """
+        The histograms as JSON, for a worker's report to its parent.
+        """
+        cycle, ng = HISTOGRAMS[0][0], HISTOGRAMS[1][0]
+        return {cycle: histogramData(self.cycleDuration), ng: histogramData(self.ngLatency)}
 
     def render(self) -> bytes:
         """

@@ -464,7 +464,7 @@ class Natkeep:
         if worker is not None:
             index, count = worker.index, worker.count
             share = lambda host: workerOf(host, count) == index  # noqa: E731
-            WorkerReporter(self.snapshot, reactor, self._answerParent).setServiceParent(
+            WorkerReporter(self._workerReport, reactor, self._answerParent).setServiceParent(
                 self.service
             )
         self.bindings = BindingsService(
@@ -487,14 +487,25 @@ class Natkeep:
             self.admin = BindingsAdmin(
                 self.table, reactor, self.outbox.flush, settings.adminToken, self.stats
             )
-        if settings.status:
+        if settings.status or worker is not None:
+            # A worker observes its histograms for its parent to sum.
             self.metrics = Metrics(self.snapshot, __version__)
             self.sender.onCycle = self.metrics.cycleFinished
             if self.relay.mediaClient is not None:
                 self.relay.mediaClient.onLatency = self.metrics.ngAnswered
+        if settings.status:
+            assert self.metrics is not None
             _statusServer(
                 settings.status, self.snapshot, self.metrics.render, self.admin, reactor
             ).setServiceParent(self.service)
+
+    def _workerReport(self) -> dict[str, Any]:
+        # What a worker tells its parent every second: its status, and its
+        # histograms for the parent's /metrics.
+        report = self.snapshot()
+        if self.metrics is not None:
+            report["histograms"] = self.metrics.histograms()
+        return report
 
     def _answerParent(self, question: dict[str, Any]) -> dict[str, Any]:
         # An admin request the parent authorised, for this worker's table.
@@ -733,7 +744,7 @@ def _supervise(settings: Settings, options: Options, reactor: Any) -> IService:
     service = MultiService()
     supervisor.setServiceParent(service)
     if settings.status:
-        metrics = Metrics(supervisor.snapshot, __version__)
+        metrics = Metrics(supervisor.snapshot, __version__, merged=True)
         _statusServer(
             settings.status,
             supervisor.snapshot,

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 
 from natkeep.config import Settings, splitListen
 from natkeep.logs import JSON_LOGGER
+from natkeep.metrics import mergeHistograms
 from natkeep.steering import sharedSockets
 
 log = Logger(namespace="natkeep.workers")
@@ -513,6 +514,9 @@ def mergeSnapshots(
         "nat_bindings": 0,
         "counters": {},
         "workers": [],
+        "histograms": mergeHistograms(
+            report.get("histograms") or {} for report in reports if report is not None
+        ),
     }
     counters: dict[str, int] = merged["counters"]
     cycle: Optional[dict[str, Any]] = None

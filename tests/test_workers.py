@@ -13,12 +13,14 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Optional
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from natkeep.config import ConfigError, buildSettings
+from natkeep.metrics import Metrics
 from natkeep.steering import sharedSockets, workerOf
 from natkeep.testing import register
 from natkeep.workers import WorkerIdentity, mergeSnapshots
@@ -161,6 +163,53 @@ class MergeTests(SynchronousTestCase):
         self.assertEqual(merged["settings"]["send_one_time"], 100)
         self.assertEqual(merged["settings"]["capacity"], 30)
 
+    def test_histograms(self) -> None:
+        """
+        The workers' histograms are summed bucket by bucket, and the
+        parent's /metrics renders the sum: its count, its sum and its
+        buckets, once per family.
+        """
+        one = Metrics(dict, "0")
+        for duration in (0.3, 4.0):
+            one.cycleFinished(duration)
+        other = Metrics(dict, "0")
+        other.cycleFinished(700.0)
+        other.ngAnswered(0.004)
+        reports: list[Optional[dict[str, Any]]] = [
+            {"histograms": one.histograms()},
+            {"histograms": other.histograms()},
+            None,
+        ]
+        merged = mergeSnapshots(reports, [{"index": 0}, {"index": 1}, {"index": 2}], 100)
+        parent = Metrics(lambda: merged, "0", merged=True)
+        families = {
+            family.name: {
+                (sample.name, sample.labels.get("le")): sample.value for sample in family.samples
+            }
+            for family in text_string_to_metric_families(parent.render().decode())
+        }
+        cycles = families["natkeep_cycle_duration_seconds"]
+        self.assertEqual(cycles[("natkeep_cycle_duration_seconds_count", None)], 3)
+        self.assertAlmostEqual(cycles[("natkeep_cycle_duration_seconds_sum", None)], 704.3)
+        self.assertEqual(cycles[("natkeep_cycle_duration_seconds_bucket", "0.5")], 1)
+        self.assertEqual(cycles[("natkeep_cycle_duration_seconds_bucket", "5.0")], 2)
+        self.assertEqual(cycles[("natkeep_cycle_duration_seconds_bucket", "1800.0")], 3)
+        ng = families["natkeep_media_ng_latency_seconds"]
+        self.assertEqual(ng[("natkeep_media_ng_latency_seconds_bucket", "0.005")], 1)
+        self.assertEqual(ng[("natkeep_media_ng_latency_seconds_bucket", "0.002")], 0)
+
+    def test_histogramsBeforeReports(self) -> None:
+        """
+        Before any worker reports, and from a worker whose buckets differ
+        (another version), the families are there and empty.
+        """
+        odd = {"natkeep_cycle_duration_seconds": {"buckets": [1.0, 2.0], "sum": 9.0}}
+        for reports in ([None, None], [{"histograms": odd}, None]):
+            merged = mergeSnapshots(reports, [{"index": 0}, {"index": 1}], 100)
+            text = Metrics(lambda m=merged: m, "0", merged=True).render().decode()
+            self.assertIn("natkeep_cycle_duration_seconds_count 0.0", text)
+            self.assertIn("natkeep_media_ng_latency_seconds_count 0.0", text)
+
 
 def status(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as page:
@@ -291,6 +340,22 @@ class TwoWorkerTests(SynchronousTestCase):
             self.assertTrue(all(gap > 8 for gap in gaps), (host, gaps))
         data = status(self.statusPort)
         self.assertEqual([(w["last_cycle"] or {}).get("due") for w in data["workers"]], [3, 2])
+        # The parent's /metrics sums the workers' cycle histograms: each
+        # worker has finished a cycle by now, and none finished more than
+        # it started.
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.statusPort}/metrics", timeout=5
+        ) as page:
+            families = {
+                family.name: family
+                for family in text_string_to_metric_families(page.read().decode())
+            }
+        cycles = families["natkeep_cycle_duration_seconds"]
+        [count] = [s.value for s in cycles.samples if s.name.endswith("_count")]
+        started = sum(w["counters"].get("cycles", 0) for w in data["workers"])
+        self.assertGreaterEqual(count, 2)
+        self.assertLessEqual(count, started)
+        self.assertIn("natkeep_media_ng_latency_seconds", families)
 
         if not haveSipp():
             raise SkipTest("sipp is not installed (Debian's sip-tester; .ci/run installs it)")
