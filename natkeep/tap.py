@@ -24,6 +24,7 @@ import sys
 from collections import Counter
 from typing import Any, Callable, Mapping, Optional
 
+import attrs
 from twisted.application.internet import TCPServer, TimerService, UDPServer
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import error
@@ -743,17 +744,49 @@ def _supervise(settings: Settings, options: Options, reactor: Any) -> IService:
     supervisor.bind()
     service = MultiService()
     supervisor.setServiceParent(service)
+    admin = WorkersAdmin(supervisor.ask, settings.adminToken)
     if settings.status:
         metrics = Metrics(supervisor.snapshot, __version__, merged=True)
         _statusServer(
-            settings.status,
-            supervisor.snapshot,
-            metrics.render,
-            WorkersAdmin(supervisor.ask, settings.adminToken),
-            reactor,
+            settings.status, supervisor.snapshot, metrics.render, admin, reactor
         ).setServiceParent(service)
-    _onHangup(reactor, supervisor.reload)
+
+    def reload() -> None:
+        _reloadParent(supervisor, admin, options)
+        supervisor.reload()
+
+    _onHangup(reactor, reload)
     return service
+
+
+#: Settings the parent of workers holds that take a restart to change.
+_PARENT_FIXED = ("workers", "listen", "status", "db")
+
+
+def _reloadParent(supervisor: Supervisor, admin: WorkersAdmin, options: Options) -> None:
+    """
+    SIGHUP in the parent of workers: take what the parent itself uses from
+    the config file again (the admin token, the pace it shares out), and
+    say which changes wait for a restart.  Broken settings leave the parent
+    as it was; each worker judges them for itself.
+    """
+    try:
+        fresh = options.settings()
+    except ConfigError as e:
+        log.error("Reload refused by the parent: {error}", error=str(e))
+        return
+    current = supervisor.settings
+    fixed = [name for name in _PARENT_FIXED if getattr(fresh, name) != getattr(current, name)]
+    if fixed:
+        log.warn(
+            "Reload: {names} change only at a restart; the parent keeps the running values",
+            names=", ".join(fixed),
+        )
+    supervisor.settings = attrs.evolve(
+        current, adminToken=fresh.adminToken, sendOneTime=fresh.sendOneTime
+    )
+    admin.token = fresh.adminToken or None
+    log.info("Reloaded the parent's settings (admin token, SEND_ONE_TIME)")
 
 
 def _statusServer(

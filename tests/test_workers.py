@@ -243,8 +243,12 @@ class TwoWorkerTests(SynchronousTestCase):
         self.statusPort = freeTCPPort()
         self.callerHost = hostsOf(1, 2, 1, start=70)[0]
         self.callerPort = freePort(host=self.callerHost)
+        # The options say everything; a test may add to the file and SIGHUP.
+        self.cwd.child("natkeep.conf").setContent(b"# natkeep test\n")
         self.process = NatkeepProcess(
             [
+                "--config",
+                "natkeep.conf",
                 "--workers",
                 "2",
                 "--listen",
@@ -476,8 +480,11 @@ class TwoWorkerTests(SynchronousTestCase):
         self.registerDevices(hosts)
         base = f"http://127.0.0.1:{self.statusPort}/bindings"
 
-        def call(path: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
-            request = urllib.request.Request(base + path, method=method)
+        def call(
+            path: str, method: str = "GET", token: Optional[str] = None
+        ) -> tuple[int, dict[str, Any]]:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            request = urllib.request.Request(base + path, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=10) as page:
                     return page.status, json.load(page)
@@ -499,3 +506,16 @@ class TwoWorkerTests(SynchronousTestCase):
             lambda: status(self.statusPort)["workers"][1]["bindings"] == 1,
         )
         self.assertEqual(call("", "POST")[0], 405)
+
+        # SIGHUP: the parent itself takes the admin token its config file
+        # now sets, and from then on asks for it.
+        token = "natkeep-test-token-0001"
+        self.cwd.child("natkeep.conf").setContent(f"admin_token = {token}\n".encode())
+        self.process.process.send_signal(signal.SIGHUP)
+        waitFor(
+            "the parent reloaded",
+            lambda: "Reloaded the parent's settings" in self.process.log(),
+        )
+        self.assertEqual(call("")[0], 401)
+        self.assertEqual(call("", token="wrong-token-wrong-token")[0], 401)
+        self.assertEqual(call("", token=token)[0], 200)
