@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from natkeep.interfaces import IBindingReader
 from natkeep.steering import workerOf
 
 log = Logger(namespace="natkeep.handoff")
@@ -51,52 +52,37 @@ def socketName(group: str, index: int) -> str:
 class StoreDirectory:
     """
     Where an AOR's devices are, read from the shared store: the source
-    hosts of its live bindings.  It has a connection of its own (the store's
-    belongs to its writer thread), opened at the first lookup.
+    hosts of its live bindings, through a reader the store opens for it
+    (L{IBindingReader}) at the first lookup and again after a failure.
+
+    @ivar open: opens the store's reader (L{IBindingStore.reader}).
     """
 
-    def __init__(self, location: str) -> None:
-        self.location = location
-        self._db: Any = None
+    def __init__(self, open: Callable[[], IBindingReader]) -> None:
+        self.open = open
+        self._reader: Optional[IBindingReader] = None
 
     def hosts(self, aor: str, now: float) -> list[str]:
         """
-        The source hosts of C{aor}'s bindings that have not expired.
+        The source hosts of C{aor}'s bindings that have not expired; none
+        when the store cannot be read (logged).
         """
         try:
-            return self._query(aor, now)
+            if self._reader is None:
+                self._reader = self.open()
+            return self._reader.hosts(aor, now)
         except Exception as e:
             log.warn("Looking up {aor} in the store failed: {error}", aor=aor, error=str(e))
             self.close()
             return []
 
-    def _query(self, aor: str, now: float) -> list[str]:
-        if self.location.startswith(("postgresql://", "postgres://")):
-            if self._db is None:
-                import psycopg
-
-                self._db = psycopg.connect(self.location, autocommit=True)
-            rows = self._db.execute(
-                "SELECT host FROM natkeep_bindings WHERE aor = %s AND expires_at > %s",
-                (aor, now),
-            ).fetchall()
-        else:
-            if self._db is None:
-                import sqlite3
-
-                self._db = sqlite3.connect(self.location, timeout=1.0, isolation_level=None)
-                self._db.execute("PRAGMA query_only = ON")
-            rows = self._db.execute(
-                "SELECT host FROM bindings WHERE aor = ? AND expires_at > ?", (aor, now)
-            ).fetchall()
-        return [str(row[0]) for row in rows]
-
     def close(self) -> None:
-        if self._db is not None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
             try:
-                self._db.close()
-            finally:
-                self._db = None
+                reader.close()
+            except Exception:
+                pass
 
 
 class Handoff(DatagramProtocol):

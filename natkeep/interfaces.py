@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from natkeep.sip import Request, Response, Via
 
 __all__ = [
+    "IBindingReader",
     "IBindingStore",
     "ICycle",
     "IDatagramMatcher",
@@ -322,7 +323,33 @@ class IBindingStore(Interface):
         NAT with C{natOnly}).
         """
 
+    def reader() -> "IBindingReader":
+        """
+        A reader of what is committed, on a connection of its own (the
+        store's belongs to its writer), for lookups from the reactor's
+        thread.  Opening it may fail as opening the store may.
+        """
+
     def close() -> None:
         """
         Commit and release the store.
+        """
+
+
+class IBindingReader(Interface):
+    """
+    Lookups in a store's committed bindings, beside its writer: what the
+    other workers sharing the store have committed shows here.
+    """
+
+    def hosts(aor: str, now: float) -> list[str]:
+        """
+        The source hosts of C{aor}'s committed bindings alive at C{now}.
+
+        @raise Exception: whatever the database raises.
+        """
+
+    def close() -> None:
+        """
+        Release the reader's connection.
         """

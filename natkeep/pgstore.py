@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from zope.interface import implementer
 
 from natkeep.bindings import StoredBinding
-from natkeep.interfaces import IBindingStore
+from natkeep.interfaces import IBindingReader, IBindingStore
 from natkeep.store import Row, StoreError, WriteBuffer
 
 #: The steps that take a database from version N to N+1, at index N.
@@ -197,6 +197,9 @@ class PostgreSQLStore(WriteBuffer):
         row = conn.execute(query, (now,)).fetchone()
         return int(row[0])
 
+    def reader(self) -> PostgreSQLReader:
+        return PostgreSQLReader(self._psycopg, self.uri, self.location)
+
     def close(self) -> None:
         try:
             if self.pending():
@@ -212,3 +215,25 @@ def _reason(error: Exception) -> str:
     """
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+@implementer(IBindingReader)
+class PostgreSQLReader:
+    """
+    A connection of its own to the PostgreSQL binding database, for reads.
+    """
+
+    def __init__(self, psycopg: Any, uri: str, location: str) -> None:
+        try:
+            self._conn = psycopg.connect(uri, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as e:
+            raise StoreError(f"cannot read binding database {location}: {_reason(e)}")
+
+    def hosts(self, aor: str, now: float) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT host FROM natkeep_bindings WHERE aor = %s AND expires_at > %s", (aor, now)
+        ).fetchall()
+        return [str(row[0]) for row in rows]
+
+    def close(self) -> None:
+        self._conn.close()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 from zope.interface import implementer
 
 from natkeep.bindings import Binding, StoredBinding, storedRow
-from natkeep.interfaces import IBindingStore
+from natkeep.interfaces import IBindingReader, IBindingStore
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -288,9 +288,35 @@ class SQLiteStore(WriteBuffer):
             query += " AND nat = 1"
         return int(self._db.execute(query, (now,)).fetchone()[0])
 
+    def reader(self) -> SQLiteReader:
+        return SQLiteReader(self.location)
+
     def close(self) -> None:
         if self.pending():
             self.commit()
+        self._db.close()
+
+
+@implementer(IBindingReader)
+class SQLiteReader:
+    """
+    A read-only connection of its own to an SQLite binding file.
+    """
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._db = sqlite3.connect(path, timeout=1.0, isolation_level=None)
+            self._db.execute("PRAGMA query_only = ON")
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"cannot read binding database {path}: {e}")
+
+    def hosts(self, aor: str, now: float) -> list[str]:
+        rows = self._db.execute(
+            "SELECT host FROM bindings WHERE aor = ? AND expires_at > ?", (aor, now)
+        ).fetchall()
+        return [str(row[0]) for row in rows]
+
+    def close(self) -> None:
         self._db.close()
 
 

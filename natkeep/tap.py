@@ -439,7 +439,7 @@ class Natkeep:
                 worker.index,
                 worker.count,
                 groupName(),
-                StoreDirectory(settings.db),
+                StoreDirectory(self.store.reader),
                 self.stats,
                 self._handedOff,
             )

@@ -17,7 +17,7 @@ from twisted.internet.testing import FakeDatagramTransport
 from zope.interface import implementer
 
 from natkeep.bindings import StoredBinding
-from natkeep.interfaces import IBindingStore, IListener, ISIPController
+from natkeep.interfaces import IBindingReader, IBindingStore, IListener, ISIPController
 from natkeep.outbox import Outbox
 from natkeep.protocol import SIPProtocol
 from natkeep.sip import Response
@@ -109,8 +109,27 @@ class MemoryStore(WriteBuffer):
             1 for row in self.rows.values() if row.expiresAt > now and (row.nat or not natOnly)
         )
 
+    def reader(self) -> MemoryReader:
+        return MemoryReader(self.rows)
+
     def close(self) -> None:
         self.commit()
+
+
+@implementer(IBindingReader)
+class MemoryReader:
+    """
+    Lookups in a L{MemoryStore}'s committed rows.
+    """
+
+    def __init__(self, rows: dict[tuple[str, str], StoredBinding]) -> None:
+        self.rows = rows
+
+    def hosts(self, aor: str, now: float) -> list[str]:
+        return [row.host for row in self.rows.values() if row.aor == aor and row.expiresAt > now]
+
+    def close(self) -> None:
+        pass
 
 
 def fakeSocket(

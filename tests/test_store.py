@@ -16,7 +16,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from natkeep.bindings import Binding, BindingTable
-from natkeep.interfaces import IBindingStore
+from natkeep.interfaces import IBindingReader, IBindingStore
 from natkeep.outbox import Outbox
 from natkeep.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError
 from natkeep.stores import storedCount
@@ -92,6 +92,25 @@ class StoreContractMixin:
         The store provides L{IBindingStore}.
         """
         self.assertTrue(verifyObject(IBindingStore, self.store))  # type: ignore[attr-defined]
+
+    def test_reader(self) -> None:
+        """
+        The store's reader, on its own connection, sees what is committed
+        and alive: the source hosts of an AOR's bindings, none of an
+        expired one or of another AOR, and not what waits for a commit.
+        """
+        self.store.put(binding(1))
+        self.store.put(binding(2, expiresAt=50.0))
+        self.store.commit()
+        self.store.put(binding(3))
+        reader = self.store.reader()
+        self.addCleanup(reader.close)  # type: ignore[attr-defined]
+        self.assertTrue(verifyObject(IBindingReader, reader))  # type: ignore[attr-defined]
+        self.assertEqual(reader.hosts("sip:1@example.com", 100.0), ["198.51.100.7"])  # type: ignore[attr-defined]
+        self.assertEqual(reader.hosts("sip:2@example.com", 100.0), [])  # type: ignore[attr-defined]
+        self.assertEqual(reader.hosts("sip:3@example.com", 100.0), [])  # type: ignore[attr-defined]
+        self.store.commit()
+        self.assertEqual(reader.hosts("sip:3@example.com", 100.0), ["198.51.100.7"])  # type: ignore[attr-defined]
 
     def test_roundTrip(self) -> None:
         """

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -19,10 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from natkeep.bindings import Binding
 from natkeep.config import ConfigError, buildSettings
+from natkeep.handoff import StoreDirectory
 from natkeep.metrics import Metrics
 from natkeep.steering import sharedSockets, workerOf
-from natkeep.testing import register
+from natkeep.store import StoreError
+from natkeep.testing import FakeListener, MemoryReader, MemoryStore, register
 from natkeep.workers import WorkerIdentity, mergeSnapshots
 from tests.helpers import freePort
 from tests.processes import NatkeepProcess, haveSipp
@@ -229,6 +233,56 @@ def waitFor(what: str, check: Any, timeout: float = 20.0) -> Any:
             return last
         time.sleep(0.2)
     raise AssertionError(f"{what} within {timeout} s (last: {last!r})")
+
+
+class StoreDirectoryTests(SynchronousTestCase):
+    """
+    L{StoreDirectory}: which hosts hold an AOR, by the store's reader.
+    """
+
+    def test_hostsAndRecovery(self) -> None:
+        """
+        The reader opens at the first lookup; a failed open or lookup
+        answers nothing and the next lookup opens a fresh reader.
+        """
+        store = MemoryStore()
+        store.put(
+            Binding(
+                "sip:7@example.com",
+                "sip:7@10.0.0.7",
+                "",
+                ("198.51.100.9", 5060),
+                FakeListener(),
+                True,
+                500.0,
+                "c",
+                1,
+            )
+        )
+        store.commit()
+        opened: list[MemoryReader] = []
+        failures = [StoreError("cannot read binding database x: gone")]
+
+        def open() -> MemoryReader:
+            if failures:
+                raise failures.pop()
+            reader = store.reader()
+            opened.append(reader)
+            return reader
+
+        directory = StoreDirectory(open)
+        self.assertEqual(directory.hosts("sip:7@example.com", 100.0), [])
+        self.assertEqual(directory.hosts("sip:7@example.com", 100.0), ["198.51.100.9"])
+        self.assertEqual(directory.hosts("sip:8@example.com", 100.0), [])
+        self.assertEqual(len(opened), 1)
+
+        def broken(aor: str, now: float) -> list[str]:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        opened[0].hosts = broken  # type: ignore[method-assign]
+        self.assertEqual(directory.hosts("sip:7@example.com", 100.0), [])
+        self.assertEqual(directory.hosts("sip:7@example.com", 100.0), ["198.51.100.9"])
+        self.assertEqual(len(opened), 2)
 
 
 class TwoWorkerTests(SynchronousTestCase):
