@@ -24,6 +24,7 @@ from natkeep.bindings import Binding
 from natkeep.config import ConfigError, buildSettings
 from natkeep.handoff import StoreDirectory
 from natkeep.metrics import Metrics
+from natkeep.sip import Request, parseMessage, parseNameAddr
 from natkeep.steering import sharedSockets, workerOf
 from natkeep.store import StoreError
 from natkeep.testing import FakeListener, MemoryReader, MemoryStore, register
@@ -489,6 +490,65 @@ class TwoWorkerTests(SynchronousTestCase):
         self.assertEqual(self.process.stop(), -signal.SIGTERM)
         for pid in pids:
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+    def test_forwardMode(self) -> None:
+        """
+        With C{register_mode = forward}, a device's REGISTER goes up to the
+        upstream from the device's worker.  The upstream's answer arrives at
+        the upstream's own worker (the other one), which hands it to the
+        device's worker by natkeep's Via; the device gets its 200, and the
+        binding is the device worker's alone.
+        """
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(upstream.close)
+        upstream.bind((self.callerHost, self.callerPort))
+        upstream.settimeout(5)
+        self.cwd.child("natkeep.conf").setContent(b"register_mode = forward\n")
+        self.process.process.send_signal(signal.SIGHUP)
+        waitFor(
+            "both workers reloaded",
+            lambda: self.process.log().count("Reloaded settings") == 2,
+        )
+        [host] = hostsOf(0, 2, 1, start=150)
+        device = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(device.close)
+        device.bind((host, 0))
+        device.settimeout(5)
+        device.sendto(
+            register(user="4001", contacts=["<sip:4001@192.168.9.1:5060>"], callId="fwd-1"),
+            ("127.0.0.1", self.port),
+        )
+        data, source = upstream.recvfrom(4096)
+        forwarded = parseMessage(data)
+        assert isinstance(forwarded, Request)
+        self.assertEqual((forwarded.method, source), ("REGISTER", ("127.0.0.1", self.port)))
+        self.assertIn("nkw=0", forwarded.headers["via"][0])
+        self.assertTrue(forwarded.headers.get("path"))
+        headers = forwarded.headers
+        answer = "\r\n".join(
+            ["SIP/2.0 200 OK"]
+            + [f"Via: {via}" for via in headers["via"]]
+            + [
+                f"From: {headers['from'][0]}",
+                f"To: {headers['to'][0]};tag=up1",
+                f"Call-ID: {headers['call-id'][0]}",
+                f"CSeq: {headers['cseq'][0]}",
+                f"Contact: <{parseNameAddr(headers['contact'][0]).uri}>;expires=120",
+                "Content-Length: 0",
+                "",
+                "",
+            ]
+        )
+        upstream.sendto(answer.encode(), source)
+        reply = device.recv(4096)
+        self.assertTrue(reply.startswith(b"SIP/2.0 200 OK"), reply[:80])
+        data = waitFor(
+            "the binding at worker 0",
+            lambda: (s := status(self.statusPort))["workers"][0]["bindings"] == 1 and s,
+        )
+        self.assertEqual(data["workers"][1]["bindings"], 0)
+        self.assertGreaterEqual(data["workers"][1]["counters"].get("workers.handoff.sent", 0), 1)
+        self.assertNotIn("Traceback", self.process.log())
 
     def test_deviceMoves(self) -> None:
         """
