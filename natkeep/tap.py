@@ -602,9 +602,7 @@ class Natkeep:
         except ConfigError as e:
             log.error("Reload refused, settings unchanged: {error}", error=str(e))
             return False
-        for name in ("listen", "db", "status"):
-            if getattr(new, name) != getattr(self.settings, name):
-                log.warn("Reload: {name} changes only on restart", name=name)
+        _warnRestartOnly(new, self.settings, RESTART_ONLY)
         for warning in adviceFor(new):
             log.warn("{warning}", warning=warning)
         log.info(
@@ -759,8 +757,14 @@ def _supervise(settings: Settings, options: Options, reactor: Any) -> IService:
     return service
 
 
-#: Settings the parent of workers holds that take a restart to change.
-_PARENT_FIXED = ("workers", "listen", "status", "db")
+#: Settings a reload cannot change in a running process.
+RESTART_ONLY = ("listen", "db", "status")
+
+
+def _warnRestartOnly(new: Settings, running: Settings, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(new, name) != getattr(running, name):
+            log.warn("Reload: {name} changes only on restart", name=name)
 
 
 def _reloadParent(supervisor: Supervisor, admin: WorkersAdmin, options: Options) -> None:
@@ -776,12 +780,7 @@ def _reloadParent(supervisor: Supervisor, admin: WorkersAdmin, options: Options)
         log.error("Reload refused by the parent: {error}", error=str(e))
         return
     current = supervisor.settings
-    fixed = [name for name in _PARENT_FIXED if getattr(fresh, name) != getattr(current, name)]
-    if fixed:
-        log.warn(
-            "Reload: {names} change only at a restart; the parent keeps the running values",
-            names=", ".join(fixed),
-        )
+    _warnRestartOnly(fresh, current, RESTART_ONLY + ("workers",))
     supervisor.settings = attrs.evolve(
         current, adminToken=fresh.adminToken, sendOneTime=fresh.sendOneTime
     )
