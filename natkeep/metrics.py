@@ -399,9 +399,12 @@ class Metrics:
             self.registry.register(MergedHistograms(snapshot))
             # Observed nowhere: kept off the registry.
             registry = CollectorRegistry()
-        (cycle, cycleHelp, cycleBuckets), (ng, ngHelp, ngBuckets) = HISTOGRAMS
-        self.cycleDuration = Histogram(cycle, cycleHelp, buckets=cycleBuckets, registry=registry)
-        self.ngLatency = Histogram(ng, ngHelp, buckets=ngBuckets, registry=registry)
+        self._histograms = {
+            name: Histogram(name, help, buckets=buckets, registry=registry)
+            for name, help, buckets in HISTOGRAMS
+        }
+        self.cycleDuration = self._histograms["natkeep_cycle_duration_seconds"]
+        self.ngLatency = self._histograms["natkeep_media_ng_latency_seconds"]
 
     def ngAnswered(self, latency: float) -> None:
         """
@@ -419,8 +422,7 @@ class Metrics:
         """
         The histograms as JSON, for a worker's report to its parent.
         """
-        cycle, ng = HISTOGRAMS[0][0], HISTOGRAMS[1][0]
-        return {cycle: histogramData(self.cycleDuration), ng: histogramData(self.ngLatency)}
+        return {name: histogramData(h) for name, h in self._histograms.items()}
 
     def render(self) -> bytes:
         """
