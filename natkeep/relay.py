@@ -129,7 +129,7 @@ class FlowTokens:
                 _family(host), host
             )
             token = FLOW_PREFIX + _b64(packed + self._mac(packed))
-            _remember(self._made, key, token)
+            _keepBounded(self._made, key, token)
         return token
 
     def decode(self, token: str) -> Optional[tuple[int, tuple[str, int]]]:
@@ -148,7 +148,7 @@ class FlowTokens:
         listener, port = struct.unpack("!BH", packed[:3])
         family = socket.AF_INET if len(packed) == 7 else socket.AF_INET6
         flow = (listener, (socket.inet_ntop(family, packed[3:]), port))
-        _remember(self._verified, token, flow)
+        _keepBounded(self._verified, token, flow)
         return flow
 
 
@@ -156,7 +156,7 @@ class FlowTokens:
 _TOKENS_REMEMBERED = 4096
 
 
-def _remember(memory: dict[Any, Any], key: Any, value: Any) -> None:
+def _keepBounded(memory: dict[Any, Any], key: Any, value: Any) -> None:
     if len(memory) >= _TOKENS_REMEMBERED:
         memory.clear()
     memory[key] = value
