@@ -351,6 +351,25 @@ class TwoWorkerTests(SynchronousTestCase):
             devices.append(device)
         return devices
 
+    def reload(self, config: Optional[bytes] = None) -> None:
+        """
+        Send SIGHUP to the parent (after writing C{config} into its config
+        file, if given), and wait until the parent and both workers have
+        reloaded.
+        """
+        if config is not None:
+            self.cwd.child("natkeep.conf").setContent(config)
+
+        def reloads() -> tuple[int, int]:
+            log = self.process.log()
+            return log.count("Reloaded the parent's settings"), log.count("Reloaded settings")
+
+        parent, workers = reloads()
+        self.process.process.send_signal(signal.SIGHUP)
+        waitFor(
+            "the parent and both workers reloaded", lambda: reloads() == (parent + 1, workers + 2)
+        )
+
     def heartbeatsTo(self, devices: list[socket.socket], seconds: float) -> list[list[float]]:
         """
         When each of C{devices} heard a heartbeat in the next C{seconds}.
@@ -481,11 +500,7 @@ class TwoWorkerTests(SynchronousTestCase):
         self.assertTrue(all(heard), heard)
         self.assertIn("Worker 1 ended", self.process.log())
 
-        self.process.process.send_signal(signal.SIGHUP)
-        waitFor(
-            "both workers reloaded",
-            lambda: self.process.log().count("Reloaded settings") == 2,
-        )
+        self.reload()
         pids = [w["pid"] for w in status(self.statusPort)["workers"]]
         self.assertEqual(self.process.stop(), -signal.SIGTERM)
         for pid in pids:
@@ -503,12 +518,7 @@ class TwoWorkerTests(SynchronousTestCase):
         self.addCleanup(upstream.close)
         upstream.bind((self.callerHost, self.callerPort))
         upstream.settimeout(5)
-        self.cwd.child("natkeep.conf").setContent(b"register_mode = forward\n")
-        self.process.process.send_signal(signal.SIGHUP)
-        waitFor(
-            "both workers reloaded",
-            lambda: self.process.log().count("Reloaded settings") == 2,
-        )
+        self.reload(b"register_mode = forward\n")
         [host] = hostsOf(0, 2, 1, start=150)
         device = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(device.close)
@@ -624,12 +634,7 @@ class TwoWorkerTests(SynchronousTestCase):
         # SIGHUP: the parent itself takes the admin token its config file
         # now sets, and from then on asks for it.
         token = "natkeep-test-token-0001"
-        self.cwd.child("natkeep.conf").setContent(f"admin_token = {token}\n".encode())
-        self.process.process.send_signal(signal.SIGHUP)
-        waitFor(
-            "the parent reloaded",
-            lambda: "Reloaded the parent's settings" in self.process.log(),
-        )
+        self.reload(f"admin_token = {token}\n".encode())
         self.assertEqual(call("")[0], 401)
         self.assertEqual(call("", token="wrong-token-wrong-token")[0], 401)
         self.assertEqual(call("", token=token)[0], 200)
