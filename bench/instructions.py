@@ -22,7 +22,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 
 
 def drive(count: int, storeOn: bool) -> None:
@@ -32,6 +31,7 @@ def drive(count: int, storeOn: bool) -> None:
     from twisted.internet.task import Clock
 
     from natkeep.bindings import BindingTable
+    from natkeep.counts import Counts
     from natkeep.outbox import Outbox
     from natkeep.plugins.natkeep_expiry import CapExpiry
     from natkeep.registrar import Registrar
@@ -46,7 +46,7 @@ def drive(count: int, storeOn: bool) -> None:
     clock.advance(1000)
     store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "s.sqlite")) if storeOn else None
     table = BindingTable(removed=store.delete) if store else BindingTable()
-    outbox = Outbox(clock, store, Counter())
+    outbox = Outbox(clock, store, Counts())
     registrar = Registrar(table, clock, outbox, CapExpiry(3600, 300), store=store)
     protocol, transport = fakeSocket(registrar, outbox, clock)
     for n, data in enumerate(datagrams):

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 
 from twisted.internet.task import Clock
 
 from natkeep.bindings import BindingTable
+from natkeep.counts import Counts
 from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry
 from natkeep.registrar import Registrar
@@ -68,7 +68,7 @@ def main() -> None:
         results["sipmessage_parse_us"] = perCall(sipmessageParse, datagrams[:5000])
 
     clock = Clock()
-    outbox = Outbox(clock, None, Counter())
+    outbox = Outbox(clock, None, Counts())
     registrar = Registrar(BindingTable(), clock, outbox, CapExpiry(3600, 300))
     protocol, transport = fakeSocket(registrar, outbox, clock)
     source = ("203.0.113.7", 40000)

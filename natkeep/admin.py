@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from collections import Counter
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -26,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from natkeep.bindings import Binding, BindingTable
+from natkeep.counts import Counts
 from natkeep.guard import inNetworks, networks
 from natkeep.sip import SIPError, parseURI
 
@@ -166,14 +166,14 @@ class BindingsAdmin(Resource):
         clock: IReactorTime,
         commit: Callable[[], None],
         token: Optional[str] = None,
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
     ) -> None:
         super().__init__()
         self.table = table
         self.clock = clock
         self.commit = commit
         self.token = token or None
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")

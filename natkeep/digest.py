@@ -16,12 +16,13 @@ import hashlib
 import hmac
 import os
 import struct
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Callable, Iterable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
+from natkeep.counts import Counts
 from natkeep.sip import Request, SIPError, parseNameAddr, parseURI
 
 #: Algorithms by their RFC 8760 names, as hash functions.
@@ -192,14 +193,14 @@ class Digest:
         credentials: ICredentials,
         algorithms: Iterable[str] = ("SHA-256", "MD5"),
         realm: Optional[str] = None,
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
         secret: Optional[bytes] = None,
     ) -> None:
         self.clock = clock
         self.credentials = credentials
         self.algorithms = tuple(algorithms)
         self.realm = realm
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
         self._secret = secret or os.urandom(32)
         self._counts: OrderedDict[str, int] = OrderedDict()
 

@@ -24,12 +24,12 @@ is answered from the binding; anything else gets 503 with Retry-After.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from natkeep.bindings import BindingTable
+from natkeep.counts import Counts
 from natkeep.interfaces import IListener
 from natkeep.outbox import Outbox
 from natkeep.registrar import DEFAULT_EXPIRES, Registrar
@@ -111,13 +111,13 @@ class RegisterForwarder:
         table: BindingTable,
         clock: IReactorTime,
         outbox: Outbox,
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
     ) -> None:
         self.registrar = registrar
         self.table = table
         self.clock = clock
         self.outbox = outbox
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
         self.upstreamExpires = 3600
         self.pending: dict[str, Pending] = {}
 

@@ -16,11 +16,13 @@ either.
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Iterable, Optional, Union
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from natkeep.counts import Counts
 
 log = Logger(namespace="natkeep.guard")
 
@@ -68,11 +70,11 @@ class SourceLimiter:
         rate: float,
         burst: int,
         exempt: Iterable[str] = (),
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
         capacity: int = MAX_SOURCES,
     ) -> None:
         self.clock = clock
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
         self.capacity = capacity
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
         self._exemptCache: dict[str, bool] = {}

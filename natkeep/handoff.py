@@ -26,12 +26,12 @@ device is heartbeated by two workers.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from natkeep.counts import Counts
 from natkeep.interfaces import IBindingReader
 from natkeep.steering import workerOf
 
@@ -104,7 +104,7 @@ class Handoff(DatagramProtocol):
         group: str,
         directory: Optional[StoreDirectory],
         clock: Any,
-        stats: Counter[str],
+        stats: Counts,
     ) -> None:
         self.index = index
         self.count = count
@@ -194,7 +194,7 @@ def listenHandoff(
     count: int,
     group: str,
     directory: Optional[StoreDirectory],
-    stats: Counter[str],
+    stats: Counts,
     deliver: Callable[[int, bytes, tuple[str, int]], None],
 ) -> Handoff:
     """

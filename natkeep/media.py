@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Any, Callable, Optional, Union
 
 import attrs
@@ -28,6 +28,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+
+from natkeep.counts import Counts
 
 log = Logger(namespace="natkeep.media")
 
@@ -151,9 +153,9 @@ class NGClient(DatagramProtocol):
     unanswered after L{TIMEOUT} is sent again, L{RETRIES} times.
     """
 
-    def __init__(self, clock: IReactorTime, stats: Optional[Counter[str]] = None) -> None:
+    def __init__(self, clock: IReactorTime, stats: Optional[Counts] = None) -> None:
         self.clock = clock
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
         self._waiting: dict[bytes, _Command] = {}
         self._prefix = os.urandom(4).hex()
         self._counter = 0
@@ -252,11 +254,11 @@ class MediaProxy:
         self,
         client: NGClient,
         engines: list[tuple[str, int]],
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
     ) -> None:
         self.client = client
         self.engines = engines
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
         self.sessions: OrderedDict[str, None] = OrderedDict()
 
     def status(self) -> dict[str, Any]:
@@ -335,7 +337,7 @@ def _sdpOf(answer: dict[bytes, Any]) -> bytes:
     return sdp
 
 
-def startClient(reactor: IReactorUDP, clock: IReactorTime, stats: Counter[str]) -> NGClient:
+def startClient(reactor: IReactorUDP, clock: IReactorTime, stats: Counts) -> NGClient:
     """
     An L{NGClient} on an ephemeral loopback-or-any UDP port.
     """

@@ -20,7 +20,6 @@ Past L{MAX_HELD} answers waiting, the registrar answers 503 at once.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet import defer
@@ -31,6 +30,7 @@ from twisted.python.failure import Failure
 from natkeep import stun
 from natkeep.bindings import Binding, storedRow
 from natkeep.config import Settings
+from natkeep.counts import Counts
 from natkeep.interfaces import IBindingStore, IListener
 from natkeep.sip import Request, Via, renderResponse, traceText
 
@@ -88,7 +88,7 @@ class Outbox:
         self,
         clock: IReactorTime,
         store: Optional[IBindingStore],
-        stats: Counter[str],
+        stats: Counts,
         sipTrace: bool = False,
         writer: Optional[Writer] = None,
     ) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import email.utils
 import math
-from collections import Counter
 from typing import Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
@@ -20,6 +19,7 @@ from zope.interface import classImplements
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings
+from natkeep.counts import Counts
 from natkeep.guard import BindingCaps
 from natkeep.interfaces import IBindingStore, IExpiryPolicy, IListener, ISIPController
 from natkeep.nat import NatDetector
@@ -71,7 +71,7 @@ class Registrar:
         minExpires: int = 60,
         nat: NatDetector = NatDetector(),
         store: Optional[IBindingStore] = None,
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
         caps: Optional[BindingCaps] = None,
     ) -> None:
         self.table = table
@@ -82,7 +82,7 @@ class Registrar:
         self.minExpires = minExpires
         self.nat = nat
         self.store = store
-        self.stats: Counter[str] = outbox.stats if stats is None else stats
+        self.stats: Counts = outbox.stats if stats is None else stats
         self._dateSecond = -1
         self._date = ""
         #: Told of each binding a REGISTER adds (with several workers: the

@@ -35,7 +35,6 @@ import ipaddress
 import os
 import socket
 import struct
-from collections import Counter
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
@@ -46,6 +45,7 @@ from zope.interface import classImplements
 
 from natkeep.bindings import Binding, BindingTable
 from natkeep.config import Settings, isWildcard
+from natkeep.counts import Counts
 from natkeep.digest import CredentialsFile, Digest
 from natkeep.forward import RegisterForwarder
 from natkeep.guard import SourceFilter
@@ -174,7 +174,7 @@ class RelayPlan(NamedTuple):
 def makeDigest(
     settings: Settings,
     clock: IReactorTime,
-    stats: Counter[str],
+    stats: Counts,
     previous: Optional[Digest] = None,
 ) -> Optional[Digest]:
     """
@@ -251,7 +251,7 @@ class Relay:
         clock: IReactorTime,
         outbox: Outbox,
         listeners: Sequence[IListener],
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
         secret: Optional[bytes] = None,
     ) -> None:
         self.registrar = registrar
@@ -259,7 +259,7 @@ class Relay:
         self.clock = clock
         self.outbox = outbox
         self.listeners = list(listeners)
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
         self.secret = secret or os.urandom(32)
         self.tokens = FlowTokens(self.secret)
         # Keyed once: each branch hash copies it rather than key a new one.

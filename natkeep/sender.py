@@ -23,7 +23,7 @@ would stop heartbeats for good.
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import deque
 from typing import Any, Callable, Collection, Optional, Sequence
 
 from twisted.application.service import Service
@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from natkeep.bindings import DEAD, Binding, BindingTable
 from natkeep.config import Settings
+from natkeep.counts import Counts
 from natkeep.interfaces import (
     ICycle,
     IDatagramMatcher,
@@ -136,11 +137,11 @@ class HeartbeatSender(Service):
         clock: IReactorTime,
         settings: Settings,
         strategies: Strategies,
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
     ) -> None:
         self.table = table
         self.clock = clock
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
         self.lastCycle: Optional[CycleReport] = None
         self.current: Optional[CycleReport] = None
         self._cycle: Optional[ICycle] = None

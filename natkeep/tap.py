@@ -44,6 +44,7 @@ from natkeep.config import (
     readConfigFile,
     splitListen,
 )
+from natkeep.counts import Counts
 from natkeep.guard import SourceLimiter
 from natkeep.handoff import Handoff, StoreDirectory, groupName, listenHandoff
 from natkeep.interfaces import IBindingStore, IListener
@@ -210,7 +211,7 @@ class BindingsService(Service):
         outbox: Outbox,
         clock: Any,
         writer: Optional[ThreadedWriter] = None,
-        stats: Optional[Counter[str]] = None,
+        stats: Optional[Counts] = None,
         ownership: Optional[Ownership] = None,
         share: Optional[Callable[[str], bool]] = None,
     ) -> None:
@@ -224,7 +225,7 @@ class BindingsService(Service):
         self.outbox = outbox
         self.clock = clock
         self.writer = writer
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats: Counts = Counts() if stats is None else stats
 
     def startService(self) -> None:
         super().startService()
@@ -383,7 +384,7 @@ class Natkeep:
         self.worker = worker
         self.reactor = reactor
         self.reloadSettings = reloadSettings
-        self.stats: Counter[str] = Counter()
+        self.stats: Counts = Counts()
         # Shown as 0 from the start, where a scrape expects them.
         for name in ("heartbeats.unreachable", "bindings.unreachable", "icmp.errors"):
             self.stats[name] = 0

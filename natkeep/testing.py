@@ -8,7 +8,6 @@ a phone sends.
 from __future__ import annotations
 
 import errno
-from collections import Counter
 from typing import Callable, Iterable, Optional, Sequence
 
 import attrs
@@ -17,6 +16,7 @@ from twisted.internet.testing import FakeDatagramTransport
 from zope.interface import implementer
 
 from natkeep.bindings import StoredBinding
+from natkeep.counts import Counts
 from natkeep.interfaces import IBindingReader, IBindingStore, IListener, ISIPController
 from natkeep.outbox import Outbox
 from natkeep.protocol import SIPProtocol
@@ -136,7 +136,7 @@ def fakeSocket(
     controller: ISIPController,
     outbox: Outbox,
     clock: IReactorTime,
-    stats: Optional[Counter[str]] = None,
+    stats: Optional[Counts] = None,
     onResponse: Optional[Callable[[Response, tuple[str, int]], None]] = None,
     address: str = "127.0.0.1:5060",
     onResponseDatagram: Optional[Callable[[bytes, tuple[str, int]], bool]] = None,

@@ -110,9 +110,8 @@ class MemoryEdgeTestCase:
     """
 
     def setUpEdge(self, now: float = 1000) -> None:
-        from collections import Counter
-
         from natkeep.bindings import BindingTable
+        from natkeep.counts import Counts
         from natkeep.outbox import Outbox
         from natkeep.plugins.natkeep_expiry import CapExpiry
         from natkeep.registrar import Registrar
@@ -121,7 +120,7 @@ class MemoryEdgeTestCase:
 
         self.clock = Clock()
         self.clock.advance(now)
-        self.stats: Counter[str] = Counter()
+        self.stats: Counts = Counts()
         self.table = BindingTable()
         self.outbox = Outbox(self.clock, None, self.stats)
         registrar = Registrar(self.table, self.clock, self.outbox, CapExpiry(3600, 300))

@@ -4,7 +4,6 @@ binding.
 """
 
 import random
-from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from natkeep.bindings import BindingTable
+from natkeep.counts import Counts
 from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry
 from natkeep.registrar import Registrar
@@ -58,7 +58,7 @@ class FuzzTests(SynchronousTestCase):
         self.clock = Clock()
         self.store = MemoryStore()
         self.table = BindingTable(removed=self.store.delete)
-        outbox = Outbox(self.clock, self.store, Counter())
+        outbox = Outbox(self.clock, self.store, Counts())
         self.registrar = Registrar(
             self.table, self.clock, outbox, CapExpiry(3600, 300), store=self.store
         )

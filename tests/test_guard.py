@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections import Counter
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -19,6 +18,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from natkeep.config import ConfigError, Settings, buildSettings
+from natkeep.counts import Counts
 from natkeep.digest import credentialsLine
 from natkeep.guard import SourceFilter, SourceLimiter
 from natkeep.sip import Response
@@ -39,7 +39,7 @@ class LimiterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(100)
-        self.stats: Counter[str] = Counter()
+        self.stats: Counts = Counts()
 
     def test_burstThenRate(self) -> None:
         """

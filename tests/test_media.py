@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from typing import Any
 
 from hypothesis import given
@@ -23,6 +22,7 @@ from twisted.internet.testing import FakeDatagramTransport
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from natkeep.counts import Counts
 from natkeep.media import BencodeError, MediaError, NGClient, bdecode, bencode
 from natkeep.sip import splitValues
 
@@ -68,7 +68,7 @@ class NGClientTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.stats: Counter[str] = Counter()
+        self.stats: Counts = Counts()
         self.client = NGClient(self.clock, self.stats)
         self.transport = FakeDatagramTransport()
         self.client.makeConnection(self.transport)  # type: ignore[arg-type]

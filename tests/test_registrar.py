@@ -5,7 +5,6 @@ RFC 3261 §10.3 and RFC 3581, rule by rule.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Optional
 
 from twisted.internet.task import Clock
@@ -14,6 +13,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from natkeep.bindings import BindingTable
+from natkeep.counts import Counts
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.nat import NatDetector
 from natkeep.outbox import Outbox
@@ -40,7 +40,7 @@ class RegistrarTestCase(SynchronousTestCase):
         self.clock.advance(1000)
         self.store = MemoryStore()
         self.table = BindingTable(removed=self.store.delete)
-        self.stats: Counter[str] = Counter()
+        self.stats: Counts = Counts()
         self.outbox = Outbox(self.clock, self.store, self.stats)
         self.registrar = Registrar(
             self.table,
@@ -700,7 +700,7 @@ class ProtocolTests(SynchronousTestCase):
         The protocol is a listener, the registrar a controller.
         """
         clock = Clock()
-        outbox = Outbox(clock, None, Counter())
+        outbox = Outbox(clock, None, Counts())
         registrar = Registrar(BindingTable(), clock, outbox, CapExpiry(3600, 300))
         protocol, _ = fakeSocket(registrar, outbox, clock)
         self.assertTrue(verifyObject(IListener, protocol))
@@ -717,7 +717,7 @@ class ProtocolTests(SynchronousTestCase):
                 raise RuntimeError("bug")
 
         clock = Clock()
-        outbox = Outbox(clock, None, Counter())
+        outbox = Outbox(clock, None, Counts())
         protocol, _ = fakeSocket(Broken(), outbox, clock)
         protocol.datagramReceived(request("OPTIONS"), ("127.0.0.1", 1))
         self.assertEqual(outbox.stats["internal.errors"], 1)
@@ -749,7 +749,7 @@ class ReadPauseTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        outbox = Outbox(self.clock, None, Counter())
+        outbox = Outbox(self.clock, None, Counts())
         registrar = Registrar(BindingTable(), self.clock, outbox, CapExpiry(3600, 300))
         self.protocol = SIPProtocol(
             "127.0.0.1:5060", registrar, outbox, self.clock, outbox.stats, readPause=0.001

@@ -5,7 +5,6 @@ in-memory sockets.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Optional
 
 from hypothesis import given, settings
@@ -15,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from natkeep.bindings import BindingTable
 from natkeep.config import Settings
+from natkeep.counts import Counts
 from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry
 from natkeep.protocol import SIPProtocol
@@ -66,7 +66,7 @@ class RelayTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.stats: Counter[str] = Counter()
+        self.stats: Counts = Counts()
         self.table = BindingTable()
         self.outbox = Outbox(self.clock, None, self.stats)
         self.registrar = Registrar(self.table, self.clock, self.outbox, CapExpiry(3600, 300))

@@ -7,7 +7,6 @@ files), and restoring bindings at start.
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
 from typing import Callable
 
 from twisted.internet.task import Clock
@@ -16,6 +15,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from natkeep.bindings import Binding, BindingTable
+from natkeep.counts import Counts
 from natkeep.interfaces import IBindingReader, IBindingStore
 from natkeep.outbox import Outbox
 from natkeep.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError
@@ -588,7 +588,7 @@ class RestoreTests(SynchronousTestCase):
             store,
             table,
             {"127.0.0.1:5060": here},
-            Outbox(clock, store, Counter()),
+            Outbox(clock, store, Counts()),
             clock,
         )
         service.startService()
