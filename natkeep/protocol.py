@@ -18,18 +18,17 @@ from __future__ import annotations
 import errno
 import socket
 import sys
-from collections import Counter
 from typing import Any, Callable, Optional
 
 from twisted.internet import udp
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.interfaces import IDelayedCall, ILoggingContext, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from natkeep import icmp, stun
 from natkeep.config import Settings, isWildcard
+from natkeep.counts import Counts
 from natkeep.guard import SourceLimiter
 from natkeep.interfaces import IListener, ISIPController
 from natkeep.outbox import Outbox
@@ -84,6 +83,15 @@ def tuneSocket(sock: socket.socket) -> None:
 
 #: What a non-blocking receive says when nothing is left to read.
 _NOTHING_LEFT = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
+
+#: First bytes of a datagram, as numbers: white space may be a CRLF
+#: keep-alive, a STUN message starts below "@", a response with "S".
+_SPACE = 0x20
+_CR = 0x0D
+_LF = 0x0A
+_TAB = 0x09
+_AT = 0x40
+_S = 0x53
 
 #: Bytes of a turn's read budget one ICMP error counts for.
 _ERROR_COST = 64
@@ -160,16 +168,19 @@ class ListeningPort(udp.Port):
     def doRead(self) -> None:
         sock = self.socket
         size = self.maxPacketSize
-        protocol = self.protocol
+        # Looked up once a turn, not once a datagram.
+        received = self.protocol.datagramReceived
+        receive = sock.recvfrom
+        limit = self.maxThroughput
         six = self.addressFamily == socket.AF_INET6
         pktinfo = self._pktinfo
         read = 0
-        while read < self.maxThroughput:
+        while read < limit:
             try:
                 if pktinfo:
                     data, addr = self._receive(sock, size)
                 else:
-                    data, addr = sock.recvfrom(size)
+                    data, addr = receive(size)
             except OSError as e:
                 if e.errno in _NOTHING_LEFT:
                     return
@@ -182,7 +193,7 @@ class ListeningPort(udp.Port):
                 # Twisted's (host, port), without flow and scope.
                 addr = addr[:2]
             try:
-                protocol.datagramReceived(data, addr)
+                received(data, addr)
             except BaseException:
                 log.failure("Unhandled error in datagramReceived")
 
@@ -252,9 +263,13 @@ class ListeningPort(udp.Port):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
+#: What sends one datagram from a socket: C{socket.sendto}'s signature.
+SendTo = Callable[[bytes, tuple[str, int]], object]
+
+
 def _retryingSend(
     send: Callable[[bytes, tuple[str, int]], int], transport: ListeningPort
-) -> Callable[[bytes, tuple[str, int]], int]:
+) -> SendTo:
     """
     C{send}, tried once more when it reports an ICMP error that an earlier
     datagram drew (the kernel reports a pending error on the next send,
@@ -311,10 +326,16 @@ def sentByFor(address: str, advertise: Optional[str] = None) -> str:
     return f"{hostAddress(socket.AF_INET)}:{port}"
 
 
-@implementer(IListener)
-class SIPProtocol(DatagramProtocol):
+class SIPProtocol:
     """
     One listening UDP socket.
+
+    It is a Twisted datagram protocol (what C{listenUDP} takes: it answers
+    C{makeConnection}, C{doStop} and C{datagramReceived}) written without
+    L{DatagramProtocol<twisted.internet.protocol.DatagramProtocol>} as its
+    base, so that it compiles to a native class: every datagram passes
+    through it, and a native class reaches its own attributes and methods
+    without looking them up by name.
 
     Reads are coalesced: a turn that emptied the socket is followed by a
     pause, so that a read starts at most every C{readPause} seconds and
@@ -338,6 +359,9 @@ class SIPProtocol(DatagramProtocol):
     @ivar readPause: the shortest time between the starts of two reads, in
         seconds; 0 reads at once.
     @ivar sipTrace: whether every message in is logged.
+    @ivar transport: the port, while connected.
+    @ivar sendto: sends one datagram from this socket (L{IListener.sendto}):
+        when the protocol starts, the fastest way its transport offers.
     """
 
     def __init__(
@@ -346,7 +370,7 @@ class SIPProtocol(DatagramProtocol):
         controller: ISIPController,
         outbox: Outbox,
         clock: IReactorTime,
-        stats: Counter[str],
+        stats: Counts,
         onResponse: Optional[Callable[[Response, tuple[str, int]], None]] = None,
         onResponseDatagram: Optional[Callable[[bytes, tuple[str, int]], bool]] = None,
         readPause: float = 0.0,
@@ -373,6 +397,8 @@ class SIPProtocol(DatagramProtocol):
         self._turnStarted = 0.0
         self._turnCall: Optional[IDelayedCall] = None
         self._resumeCall: Optional[IDelayedCall] = None
+        self.transport: Any = None
+        self.sendto: SendTo = self._write
 
     def sentByNow(self) -> str:
         """
@@ -398,6 +424,30 @@ class SIPProtocol(DatagramProtocol):
 
     # The socket
 
+    def makeConnection(self, transport: Any) -> None:
+        """
+        The port C{transport} opened: start.
+        """
+        assert self.transport is None, "one port per listening protocol"
+        self.transport = transport
+        self.startProtocol()
+
+    def doStop(self) -> None:
+        """
+        The port closed: stop.
+        """
+        self.transport = None
+        self.stopProtocol()
+
+    def logPrefix(self) -> str:
+        return "SIPProtocol"
+
+    def connectionRefused(self) -> None:
+        """
+        Only a connected UDP port reports refusals; a listening one never
+        is connected.
+        """
+
     def startProtocol(self) -> None:
         # Heartbeats are the hot path: send on the socket itself, skipping
         # the per-call address validation of the Twisted transport, which
@@ -409,9 +459,9 @@ class SIPProtocol(DatagramProtocol):
             if isinstance(transport, ListeningPort) and transport.reportsErrors:
                 self.sendto = _retryingSend(sock.sendto, transport)
             else:
-                self.sendto = sock.sendto  # type: ignore[method-assign]
+                self.sendto = sock.sendto
         else:
-            self.sendto = self._write  # type: ignore[method-assign]
+            self.sendto = self._write
         log.info("Registrar listening on UDP {address}", address=self.address)
 
     def stopProtocol(self) -> None:
@@ -424,13 +474,6 @@ class SIPProtocol(DatagramProtocol):
         assert self.transport is not None
         self.transport.write(data, address)
         return len(data)
-
-    def sendto(self, data: bytes, address: tuple[str, int]) -> object:
-        """
-        Send one datagram from this socket (replaced when the protocol
-        starts by the fastest way its transport offers).
-        """
-        return self._write(data, address)
 
     # Input
 
@@ -484,13 +527,14 @@ class SIPProtocol(DatagramProtocol):
             stats["dropped"] += 1
             return
         # A SIP message starts with a letter; only then is it worth asking
-        # whether this is a keep-alive or STUN.
-        first = data[:1]
-        if first in b"\r\n\t " and not data.strip(b"\r\n\t "):
+        # whether this is a keep-alive or STUN.  The first byte is read as
+        # a number: a test of a one-byte slice costs more than the rest.
+        first = data[0] if data else _SPACE
+        if first in (_SPACE, _CR, _LF, _TAB) and not data.strip(b"\r\n\t "):
             # RFC 5626 CRLF keep-alive (or an empty datagram): nothing to say.
             stats["keepalives"] += 1
             return
-        if first < b"@" and stun.looksLikeSTUN(data):
+        if first < _AT and stun.looksLikeSTUN(data):
             answer = stun.bindingResponse(data, source[0], source[1])
             if answer is None:
                 self._drop("stun-malformed", source, "malformed STUN message")
@@ -505,7 +549,7 @@ class SIPProtocol(DatagramProtocol):
                 text=traceText(data),
             )
         if (
-            first == b"S"
+            first == _S
             and self.onResponseDatagram is not None
             and data.startswith(b"SIP/2.0 ")
             and self.onResponseDatagram(data, source)
@@ -577,3 +621,6 @@ class SIPProtocol(DatagramProtocol):
         self._resumeCall = None
         transport: Any = self.transport
         transport.startReading()
+
+
+classImplements(SIPProtocol, IListener, ILoggingContext)
