@@ -12,6 +12,40 @@ from typing import Optional
 from natkeep.bindings import DEAD, Binding
 from natkeep.sip import Response
 
+#: What follows the phase in a heartbeat's Call-ID.
+_HOST = "@natkeep"
+_LINE_END = b"@natkeep\r\n"
+_LINE_END_LENGTH = len(_LINE_END)
+
+#: The most digits a phase is read with (a binding table never gets near).
+_MAX_DIGITS = 18
+
+
+def _isDigit(byte: int) -> bool:
+    return 0x30 <= byte <= 0x39
+
+
+def _phaseOf(data: bytes, start: int) -> Optional[tuple[int, int]]:
+    """
+    The phase written in C{data} from C{start}, as a heartbeat writes it
+    (decimal, no sign, no leading zero), and where its digits end; C{None}
+    when there is none there.
+    """
+    end = start
+    length = len(data)
+    phase = 0
+    while end < length and end - start < _MAX_DIGITS:
+        byte = data[end]
+        if not _isDigit(byte):
+            break
+        phase = phase * 10 + byte - 0x30
+        end += 1
+    if end == start or (data[start] == 0x30 and end - start > 1):
+        return None
+    if end < length and _isDigit(data[end]):
+        return None
+    return phase, end
+
 
 class OptionsHeartbeats:
     """
@@ -32,10 +66,13 @@ class OptionsHeartbeats:
         self.name = "options"
         self.enabled = True
         self.fixed: Optional[bytes] = None
-        self._outstanding: dict[str, Binding] = {}
+        #: The bindings heartbeats went to, by phase: the number in their
+        #: Call-ID (C{token-phase@natkeep}).
+        self._outstanding: dict[int, Binding] = {}
         self._heads: dict[str, tuple[str, str]] = {}
         self._cseq = 0
-        self._marker = b"\r\nCall-ID: " + token.encode("ascii") + b"-"
+        self._prefix = token + "-"
+        self._marker = b"\r\nCall-ID: " + self._prefix.encode("ascii")
 
     def __repr__(self) -> str:
         return f"OptionsHeartbeats(token={self.token!r})"
@@ -54,8 +91,9 @@ class OptionsHeartbeats:
 
     def payloadFor(self, binding: Binding) -> bytes:
         self._cseq = cseq = self._cseq + 1
-        callId = f"{self.token}-{binding.phase}@natkeep"
-        self._outstanding[callId] = binding
+        phase = binding.phase
+        callId = f"{self._prefix}{phase}{_HOST}"
+        self._outstanding[phase] = binding
         address = binding.listener.sentBy
         head = self._heads.get(address)
         via, sender = head if head is not None else self._head(address)
@@ -71,7 +109,15 @@ class OptionsHeartbeats:
         callIds = headers.get("call-id")
         if not callIds:
             return None
-        binding = self._outstanding.get(callIds[0])
+        callId = callIds[0]
+        prefix = self._prefix
+        if not (callId.startswith(prefix) and callId.endswith(_HOST)):
+            return None
+        digits = callId[len(prefix) : -len(_HOST)].encode("ascii", "replace")
+        found = _phaseOf(digits, 0)
+        if found is None or found[1] != len(digits):
+            return None
+        binding = self._outstanding.get(found[0])
         if binding is None or binding.expiresAt == DEAD:
             return None
         # The Call-ID, which holds this run's random token, is the match;
@@ -82,15 +128,18 @@ class OptionsHeartbeats:
         return binding
 
     def matchDatagram(self, data: bytes, source: tuple[str, int]) -> Optional[Binding]:
-        # The Call-ID line as sent: this run's token makes it unique.
+        # The Call-ID line as sent: this run's token makes it unique.  Its
+        # phase is read where it stands, digit by digit.
         start = data.find(self._marker)
-        if start < 0 or not data[8:11].isdigit():
+        if start < 0 or not (_isDigit(data[8]) and _isDigit(data[9]) and _isDigit(data[10])):
             return None
-        start += 11
-        end = data.find(b"\r\n", start)
-        if end < 0 or data.find(b" OPTIONS\r\n", end) < 0:
+        found = _phaseOf(data, start + len(self._marker))
+        if found is None:
             return None
-        binding = self._outstanding.get(data[start:end].decode("ascii", "replace"))
+        phase, end = found
+        if data[end : end + _LINE_END_LENGTH] != _LINE_END or data.find(b" OPTIONS\r\n", end) < 0:
+            return None
+        binding = self._outstanding.get(phase)
         if binding is None or binding.expiresAt == DEAD:
             return None
         return binding

@@ -377,6 +377,8 @@ class OptionsPayloadTests(SenderTestCase):
         self.assertIs(self.answer(payload, data, code=404), device)
         self.assertIsNone(self.answer(payload, data.replace(b"Call-ID: tok", b"Call-ID: xx")))
         self.assertIsNone(self.answer(payload, data.replace(b"1 OPTIONS", b"1 REGISTER")))
+        for other in self.otherPhases(data, device.phase):
+            self.assertIsNone(self.answer(payload, other), other)
         response = self.response(data)
         del response.headers["cseq"]
         self.assertIsNone(payload.responseReceived(response, device.source))
@@ -391,6 +393,26 @@ class OptionsPayloadTests(SenderTestCase):
             if line.split(b":")[0] in (b"Via", b"From", b"To", b"Call-ID", b"CSeq"):
                 lines.append(line + (b";tag=ph" if line.startswith(b"To:") else b""))
         return b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+
+    def otherPhases(self, data: bytes, phase: int) -> tuple[bytes, ...]:
+        """
+        C{data} with the Call-ID of the heartbeat to C{phase} changed into
+        ones no heartbeat was sent with: a leading zero, a digit more, no
+        digits, a letter, another host.
+        """
+        callId = b"tok-%d@natkeep" % (phase,)
+        self.assertIn(callId, data)
+        return tuple(
+            data.replace(callId, changed)
+            for changed in (
+                b"tok-0%d@natkeep" % (phase,),
+                b"tok-%d0@natkeep" % (phase,),
+                b"tok-@natkeep",
+                b"tok-%dx@natkeep" % (phase,),
+                b"tok-%d@natkeeper" % (phase,),
+                b"tok-%d@other" % (phase,),
+            )
+        )
 
     def test_matchedUnparsed(self) -> None:
         """
@@ -410,7 +432,7 @@ class OptionsPayloadTests(SenderTestCase):
             answer.replace(b"1 OPTIONS", b"1 REGISTER"),
             answer.replace(b"SIP/2.0 200", b"SIP/2.0 OK"),
             answer.replace(b"Call-ID:", b"i:"),
-        ):
+        ) + self.otherPhases(answer, device.phase):
             self.assertIsNone(payload.matchDatagram(other, device.source), other)
         self.table.remove(device)
         self.assertIsNone(payload.matchDatagram(answer, device.source))
