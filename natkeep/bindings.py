@@ -18,13 +18,13 @@ have passed.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import Callable, Final, Iterable, Iterator, NamedTuple, Optional
 
 from natkeep.listener import IListener
 
 #: A binding's C{expiresAt} once it has been removed: earlier than any clock,
 #: so that "still alive" is one comparison anywhere.
-DEAD = -math.inf
+DEAD: Final = -math.inf
 
 
 class Binding:

@@ -24,7 +24,7 @@ is answered from the binding; anything else gets 503 with Retry-After.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Final, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -46,17 +46,17 @@ from natkeep.sip import (
 )
 
 #: Seconds natkeep waits for the upstream's final answer to a REGISTER.
-UPSTREAM_TIMEOUT = 5.0
+UPSTREAM_TIMEOUT: Final = 5.0
 
 #: Retry-After of the 503 a device gets when the upstream did not answer.
-RETRY_AFTER = 30
+RETRY_AFTER: Final = 30
 
 #: REGISTERs awaiting the upstream at once; past it, 503 at once.
-MAX_PENDING = 65536
+MAX_PENDING: Final = 65536
 
 #: Seconds the upstream's registration must outlast a device's next
 #: refresh for natkeep to answer that refresh alone.
-MARGIN = 60
+MARGIN: Final = 60
 
 
 class Pending:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from typing import Iterable, Optional, Union
+from typing import Final, Iterable, Optional, Union
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -29,10 +29,10 @@ log = Logger(namespace="natkeep.guard")
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: Sources the limiter tracks at once; the least recently seen leaves first.
-MAX_SOURCES = 65536
+MAX_SOURCES: Final = 65536
 
 #: Seconds between two log lines about the same limited source.
-LOG_EVERY = 60.0
+LOG_EVERY: Final = 60.0
 
 
 def networks(texts: Iterable[str]) -> tuple[Network, ...]:

@@ -11,15 +11,15 @@ the Contact differs from the source.
 from __future__ import annotations
 
 import ipaddress
-from typing import Optional
+from typing import Final, Optional
 
 #: Every NAT test, in the order the documentation names them.
-NAT_TESTS = ("via", "private", "contact")
+NAT_TESTS: Final = ("via", "private", "contact")
 
 #: The port a URI or Via without one means (RFC 3261 §19.1.2).
-DEFAULT_PORT = 5060
+DEFAULT_PORT: Final = 5060
 
-_PRIVATE_NETWORKS = tuple(
+_PRIVATE_NETWORKS: Final = tuple(
     ipaddress.ip_network(net)
     for net in (
         "10.0.0.0/8",

@@ -7,18 +7,18 @@ compiled modules because it runs once per heartbeat and once per answer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Final, Optional
 
 from natkeep.bindings import DEAD, Binding
 from natkeep.sip import Response
 
 #: What follows the phase in a heartbeat's Call-ID.
-_HOST = "@natkeep"
-_LINE_END = b"@natkeep\r\n"
-_LINE_END_LENGTH = len(_LINE_END)
+_HOST: Final = "@natkeep"
+_LINE_END: Final = b"@natkeep\r\n"
+_LINE_END_LENGTH: Final = len(_LINE_END)
 
 #: The most digits a phase is read with (a binding table never gets near).
-_MAX_DIGITS = 18
+_MAX_DIGITS: Final = 18
 
 
 def _isDigit(byte: int) -> bool:

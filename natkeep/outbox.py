@@ -20,7 +20,7 @@ Past L{MAX_HELD} answers waiting, the registrar answers 503 at once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Final, Iterable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -38,22 +38,22 @@ log = Logger(namespace="natkeep.outbox")
 
 #: How every response ends (natkeep's responses carry no body), until
 #: C{server_header} says otherwise.
-TRAILER = "Server: natkeep\r\nContent-Length: 0\r\n\r\n"
+TRAILER: Final = "Server: natkeep\r\nContent-Length: 0\r\n\r\n"
 
 #: REGISTER answers that may wait for commits at once; past it the
 #: registrar answers 503 with Retry-After without touching the table.
 MAX_HELD = 20000
 
 #: Seconds between a failed commit and the next try.
-RETRY_DELAY = 1.0
+RETRY_DELAY: Final = 1.0
 
-_SENT_KEYS: dict[int, str] = {}
+_SENT_KEYS: Final[dict[int, str]] = {}
 
 #: A message waiting for a commit: socket, bytes, destination.
 Held = tuple[IListener, bytes, tuple[str, int]]
 
 #: Header lines of a held 2xx that a 500 in its place leaves out.
-_NOT_IN_500 = (b"contact:", b"m:", b"date:")
+_NOT_IN_500: Final = (b"contact:", b"m:", b"date:")
 
 
 def failedAnswer(data: bytes) -> bytes:

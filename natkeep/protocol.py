@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Final, Optional
 
 from twisted.internet import udp
 from twisted.internet.interfaces import IDelayedCall, ILoggingContext, IReactorTime
@@ -50,15 +50,19 @@ log = Logger(namespace="natkeep.protocol")
 #: One byte more than the largest message we parse: a longer datagram is
 #: read truncated but still recognised as too large, and each read does not
 #: have to allocate the 64 KiB a whole UDP datagram could need.
-MAX_DATAGRAM = MAX_MESSAGE_SIZE + 1
+MAX_DATAGRAM: Final = MAX_MESSAGE_SIZE + 1
 
 #: Socket buffers asked for; the kernel caps them at its rmem_max/wmem_max.
-SOCKET_BUFFER = 4 * 1024 * 1024
+SOCKET_BUFFER: Final = 4 * 1024 * 1024
 
 #: Linux's SO_SNDBUFFORCE and SO_RCVBUFFORCE, which Python's socket module
 #: does not export; with CAP_NET_ADMIN they pass net.core.*mem_max.
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32 if sys.platform.startswith("linux") else None)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
+SO_SNDBUFFORCE: Final = getattr(
+    socket, "SO_SNDBUFFORCE", 32 if sys.platform.startswith("linux") else None
+)
+SO_RCVBUFFORCE: Final = getattr(
+    socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None
+)
 
 
 def tuneSocket(sock: socket.socket) -> None:
@@ -82,25 +86,25 @@ def tuneSocket(sock: socket.socket) -> None:
 
 
 #: What a non-blocking receive says when nothing is left to read.
-_NOTHING_LEFT = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
+_NOTHING_LEFT: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 
 #: First bytes of a datagram, as numbers: white space may be a CRLF
 #: keep-alive, a STUN message starts below "@", a response with "S".
-_SPACE = 0x20
-_CR = 0x0D
-_LF = 0x0A
-_TAB = 0x09
-_AT = 0x40
-_S = 0x53
+_SPACE: Final = 0x20
+_CR: Final = 0x0D
+_LF: Final = 0x0A
+_TAB: Final = 0x09
+_AT: Final = 0x40
+_S: Final = 0x53
 
 #: Bytes of a turn's read budget one ICMP error counts for.
-_ERROR_COST = 64
+_ERROR_COST: Final = 64
 
 #: Linux's options for the local address a datagram arrived on.
-_IP_PKTINFO = 8
-_IPV6_RECVPKTINFO = 49
-_IPV6_PKTINFO = 50
-_PKTINFO_SPACE = socket.CMSG_SPACE(20)
+_IP_PKTINFO: Final = 8
+_IPV6_RECVPKTINFO: Final = 49
+_IPV6_PKTINFO: Final = 50
+_PKTINFO_SPACE: Final = socket.CMSG_SPACE(20)
 
 
 class ListeningPort(udp.Port):
@@ -290,7 +294,7 @@ def _retryingSend(
 
 #: Addresses a routing lookup is made toward to find the host's own address
 #: for each family (documentation ranges: a UDP connect sends nothing).
-_ROUTE_PROBES: dict[int, tuple[str, int]] = {
+_ROUTE_PROBES: Final[dict[int, tuple[str, int]]] = {
     socket.AF_INET: ("192.0.2.1", 9),
     socket.AF_INET6: ("2001:db8::1", 9),
 }

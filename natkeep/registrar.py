@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import math
-from typing import Callable, Optional
+from typing import Callable, Final, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import classImplements
@@ -37,19 +37,19 @@ from natkeep.sip import (
 )
 from natkeep.strategies import Strategies
 
-ALLOW = "REGISTER, OPTIONS"
+ALLOW: Final = "REGISTER, OPTIONS"
 
 #: RFC 3261 §10.2.1.1: the registrar's default when the request says nothing.
-DEFAULT_EXPIRES = 3600
+DEFAULT_EXPIRES: Final = 3600
 
 #: Bounds that keep every 200 OK, which lists all of an AOR's Contacts,
 #: within one datagram: at most this many Contacts in one REGISTER (400
 #: past it), bindings per AOR (the most C{max_contacts} may say), and characters of one Contact's URI
 #: and parameters (400).  With a request of at most 16 KiB echoed, a 200 OK
 #: stays under 26 KiB, well inside UDP's 65 507 bytes.
-MAX_CONTACTS_PER_REQUEST = 16
-MAX_CONTACTS_PER_AOR = 16
-MAX_CONTACT_LENGTH = 512
+MAX_CONTACTS_PER_REQUEST: Final = 16
+MAX_CONTACTS_PER_AOR: Final = 16
+MAX_CONTACT_LENGTH: Final = 512
 
 
 class Registrar:

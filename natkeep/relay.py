@@ -35,7 +35,7 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Final, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -73,23 +73,23 @@ from natkeep.sip import (
 log = Logger(namespace="natkeep.relay")
 
 #: The branch prefix of natkeep's relay Via (RFC 3261 magic cookie first).
-BRANCH_PREFIX = "z9hG4bK-nk"
+BRANCH_PREFIX: Final = "z9hG4bK-nk"
 
 #: The user part prefix of a flow token in natkeep's Record-Route.
-FLOW_PREFIX = "nkf-"
+FLOW_PREFIX: Final = "nkf-"
 
 #: The Max-Forwards a request without one is given (RFC 3261 §16.6 step 3).
-MAX_FORWARDS = 70
+MAX_FORWARDS: Final = 70
 
 #: The most addresses natkeep counts as its own (its sockets' bound,
 #: advertised and learnt local addresses).
-_MAX_OWN = 256
+_MAX_OWN: Final = 256
 
 #: The loop key's hash, copied for each request.
-_LOOP_HASH = hashlib.blake2b(digest_size=5)
+_LOOP_HASH: Final = hashlib.blake2b(digest_size=5)
 
 #: Methods that get no Record-Route: they create no dialog.
-_NO_RECORD_ROUTE = frozenset({"ACK", "CANCEL", "REGISTER"})
+_NO_RECORD_ROUTE: Final = frozenset({"ACK", "CANCEL", "REGISTER"})
 
 
 def _b64(data: bytes) -> str:
@@ -153,7 +153,7 @@ class FlowTokens:
 
 
 #: The most flow tokens L{FlowTokens} remembers made, and verified.
-_TOKENS_REMEMBERED = 4096
+_TOKENS_REMEMBERED: Final = 4096
 
 
 def _keepBounded(memory: dict[Any, Any], key: Any, value: Any) -> None:
@@ -895,7 +895,7 @@ class Relay:
 
 
 #: Methods whose SDP is an offer natkeep has rtpengine rewrite.
-_OFFERS = ("INVITE", "UPDATE")
+_OFFERS: Final = ("INVITE", "UPDATE")
 
 
 # A zope class decorator would make the class a plain Python one when

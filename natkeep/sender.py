@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Callable, Collection, Optional, Sequence
+from typing import Any, Callable, Collection, Final, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -50,7 +50,7 @@ log = Logger(namespace="natkeep.sender")
 #: Seconds after a heartbeat batch during which an ICMP error is matched to
 #: its bindings: far more than any round trip, and short enough to keep the
 #: recent batches few.
-ICMP_WINDOW = 2.0
+ICMP_WINDOW: Final = 2.0
 
 #: Per binding: a count, and the Call-ID and CSeq of the REGISTER it counts
 #: since (a new REGISTER starts it over).

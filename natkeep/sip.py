@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Container, Iterable, Iterator, Optional, Union
+from typing import Container, Final, Iterable, Iterator, Optional, Union
 
 #: RFC 3261 §7.3.3 compact header forms, mapped to the lower-case full name.
-COMPACT_FORMS = {
+COMPACT_FORMS: Final = {
     "v": "via",
     "f": "from",
     "t": "to",
@@ -36,42 +36,42 @@ COMPACT_FORMS = {
 
 #: The largest datagram we try to read as SIP; anything longer is answered
 #: C{513 Message Too Large} if its Via can be found, otherwise dropped.
-MAX_MESSAGE_SIZE = 16384
+MAX_MESSAGE_SIZE: Final = 16384
 
 #: More header lines than this is not a phone talking.
-MAX_HEADER_LINES = 128
+MAX_HEADER_LINES: Final = 128
 
 #: RFC 3261 §20.19: a delta-seconds value above 2**32-1 is taken as that.
-MAX_DELTA_SECONDS = 2**32 - 1
+MAX_DELTA_SECONDS: Final = 2**32 - 1
 
 #: RFC 3261 §8.1.1.5: CSeq is a 32-bit unsigned integer below 2**31.
-MAX_CSEQ = 2**31 - 1
+MAX_CSEQ: Final = 2**31 - 1
 
-_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 
-_STATUS_LINE_PREFIX = "SIP/2.0 "
+_STATUS_LINE_PREFIX: Final = "SIP/2.0 "
 
-_VERSION = re.compile(r"SIP/[0-9]+\.[0-9]+\Z")
+_VERSION: Final = re.compile(r"SIP/[0-9]+\.[0-9]+\Z")
 
 #: RFC 3261 §25.1: LWS may surround the slashes of a Via's sent-protocol.
-_SENT_PROTOCOL = re.compile(
+_SENT_PROTOCOL: Final = re.compile(
     r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9.!%*_+`'~-]+)\s+(.*)\Z", re.S | re.I
 )
 
 #: Longer header names are looked up but not remembered, so the cache of
 #: canonical names stays small in bytes whatever arrives.
-_CANONICAL_NAME_LIMIT = 64
+_CANONICAL_NAME_LIMIT: Final = 64
 
 #: Methods known to be tokens, spared the pattern match.
-_METHODS = frozenset(
+_METHODS: Final = frozenset(
     ["REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "SUBSCRIBE", "NOTIFY"]
     + ["MESSAGE", "INFO", "PRACK", "UPDATE", "REFER", "PUBLISH"]
 )
 
 #: Header names as written mapped to their canonical form; phones repeat
 #: the same few spellings, so this saves a strip and lower per line.
-_CANONICAL: dict[str, str] = {}
-_CANONICAL_LIMIT = 4096
+_CANONICAL: Final[dict[str, str]] = {}
+_CANONICAL_LIMIT: Final = 4096
 
 
 class Unanswerable(Exception):
@@ -679,7 +679,7 @@ def parseCSeq(value: str) -> tuple[int, str]:
 #: Characters a trace escapes: C0 controls but tab, DEL, C1 controls (NEL
 #: among them) and the Unicode line and paragraph separators, any of which
 #: could forge a log line or drive the operator's terminal.
-_TRACE_ESCAPES = {
+_TRACE_ESCAPES: Final = {
     code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
     if code != 0x09
@@ -696,11 +696,11 @@ def traceText(data: bytes) -> str:
 
 
 #: Via parameters a response fills in (RFC 3581 §4).
-_FILLED = ("rport", "received")
-_RECEIVED = ("received",)
+_FILLED: Final = ("rport", "received")
+_RECEIVED: Final = ("received",)
 
 #: Headers a response copies from its request, in order.
-_COPIED = (("from", "From"), ("to", "To"), ("call-id", "Call-ID"), ("cseq", "CSeq"))
+_COPIED: Final = (("from", "From"), ("to", "To"), ("call-id", "Call-ID"), ("cseq", "CSeq"))
 
 
 def topVia(request: Request) -> Via:
@@ -836,7 +836,7 @@ def renderResponse(
 
 #: How header names are written when natkeep renders a message it relays;
 #: any other is written with each dash-separated word capitalised.
-_WRITTEN_NAMES = {
+_WRITTEN_NAMES: Final = {
     "call-id": "Call-ID",
     "cseq": "CSeq",
     "www-authenticate": "WWW-Authenticate",

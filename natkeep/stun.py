@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Optional
+from typing import Final, Optional
 
-MAGIC_COOKIE = 0x2112A442
-BINDING_REQUEST = 0x0001
-BINDING_SUCCESS = 0x0101
-XOR_MAPPED_ADDRESS = 0x0020
+MAGIC_COOKIE: Final = 0x2112A442
+BINDING_REQUEST: Final = 0x0001
+BINDING_SUCCESS: Final = 0x0101
+XOR_MAPPED_ADDRESS: Final = 0x0020
 
-_HEADER = struct.Struct("!HHI12s")
+_HEADER: Final = struct.Struct("!HHI12s")
 
 
 def looksLikeSTUN(data: bytes) -> bool:
