@@ -8,9 +8,15 @@ counts are repeatable where timings on a shared machine are not.
     python bench/instructions.py            # both, under valgrind
     python bench/instructions.py --store off
 
+With C{--what options}: instructions per OPTIONS heartbeat with 10 000
+NATed bindings, in two parts: the answer (a device's 200 OK handed to the
+listening socket, sorted, matched to its binding), and the heartbeat
+(rendered and sent by the sender's batch loop, the send itself a no-op).
+
 The figure is the difference between a run of 3 000 and one of 1 000
-REGISTERs, divided by 2 000, so start-up and imports cancel out.  Loops are
-bounded by the count; nothing touches the network.
+REGISTERs (30 000 and 10 000 answers or heartbeats), divided by the
+difference, so start-up and imports cancel out.  Loops are bounded by the
+count; nothing touches the network.
 """
 
 from __future__ import annotations
@@ -59,9 +65,77 @@ def drive(count: int, storeOn: bool) -> None:
         raise SystemExit(f"only {len(table)} of {count} registered")
 
 
-def counted(count: int, store: str) -> int:
+OPTIONS_BINDINGS = 10_000
+
+
+def driveOptions(count: int, part: str) -> None:
     """
-    Instructions callgrind counts for a whole run of C{count} REGISTERs.
+    Hand C{count} OPTIONS answers to a listening socket (C{part} is
+    C{answer}), or send C{count} OPTIONS heartbeats (C{send}), over
+    L{OPTIONS_BINDINGS} NATed bindings.
+    """
+    import attrs
+    from heartbeat import answerOptions
+    from twisted.internet.task import Clock
+
+    from natkeep.bindings import Binding, BindingTable
+    from natkeep.config import Settings
+    from natkeep.counts import Counts
+    from natkeep.outbox import Outbox
+    from natkeep.sender import CycleReport, HeartbeatSender
+    from natkeep.strategies import makeStrategies
+    from natkeep.testing import fakeSocket
+
+    clock = Clock()
+    clock.advance(1000)
+    settings = attrs.evolve(Settings(), payload="options")
+    strategies = makeStrategies(settings)
+    stats = Counts()
+    sender = HeartbeatSender(BindingTable(), clock, settings, strategies, stats)
+    outbox = Outbox(clock, None, stats)
+    protocol, _ = fakeSocket(
+        None,  # no requests arrive: answers go to the sender
+        outbox,
+        clock,
+        stats,
+        onResponseDatagram=sender.responseDatagram,
+    )
+    protocol.sendto = lambda data, address: len(data)
+    bindings = []
+    for n in range(OPTIONS_BINDINGS):
+        host = f"127.64.{n >> 8}.{n & 255}"
+        binding = Binding(
+            f"sip:u{n}@example.com",
+            f"sip:u{n}@{host}:47000",
+            "",
+            (host, 47000),
+            protocol,
+            True,
+            clock.seconds() + 3600,
+            f"c{n}",
+            1,
+            phase=n,
+        )
+        sender.table.add(binding)
+        bindings.append(binding)
+    payload = strategies.payload
+    answers = [(answerOptions(payload.payloadFor(b)), b.source) for b in bindings]
+    report = CycleReport(started=clock.seconds(), due=len(bindings))
+    rounds = max(1, count // OPTIONS_BINDINGS)
+    for _ in range(rounds):
+        if part == "answer":
+            for data, source in answers:
+                protocol.datagramReceived(data, source)
+        else:
+            sender._send(bindings, report)
+    if part == "answer" and stats["heartbeats.answered"] != rounds * OPTIONS_BINDINGS:
+        raise SystemExit(f"only {stats['heartbeats.answered']} answers matched")
+
+
+def counted(count: int, store: str, what: str = "register") -> int:
+    """
+    Instructions callgrind counts for a whole run of C{count} REGISTERs,
+    or OPTIONS answers or heartbeats.
     """
     with tempfile.TemporaryDirectory() as folder:
         result = subprocess.run(
@@ -75,6 +149,8 @@ def counted(count: int, store: str) -> int:
                 str(count),
                 "--store",
                 store,
+                "--what",
+                what,
             ],
             capture_output=True,
             text=True,
@@ -89,12 +165,26 @@ def counted(count: int, store: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", choices=["on", "off", "both"], default="both")
+    parser.add_argument(
+        "--what", choices=["register", "options", "answer", "send"], default="register"
+    )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive is not None:
-        drive(min(args.drive, 100_000), args.store == "on")
+        if args.what in ("answer", "send"):
+            driveOptions(min(args.drive, 100_000), args.what)
+        else:
+            drive(min(args.drive, 100_000), args.store == "on")
         return
     results = {}
+    if args.what != "register":
+        for part in ("answer", "send") if args.what == "options" else (args.what,):
+            small = counted(OPTIONS_BINDINGS, "off", part)
+            large = counted(3 * OPTIONS_BINDINGS, "off", part)
+            results[f"options_{part}"] = (large - small) // (2 * OPTIONS_BINDINGS)
+            print(f"OPTIONS {part:>6}: {results[f'options_{part}']} instructions each")
+        print(json.dumps({"benchmark": "instructions", **results}))
+        return
     for store in ("off", "on") if args.store == "both" else (args.store,):
         small, large = counted(1000, store), counted(3000, store)
         results[f"store_{store}"] = (large - small) // 2000
