@@ -371,6 +371,9 @@ class Relay:
         return bool(self.table.lookup(uri.addressOfRecord()))
 
     def _isDevice(self, request: Request, source: tuple[str, int]) -> bool:
+        if not self.table.countFrom(source[0]):
+            # No binding came from this host: nothing to parse.
+            return False
         try:
             sender = parseURI(parseNameAddr(request.headers["from"][0]).uri)
         except SIPError:
@@ -782,6 +785,8 @@ class Relay:
         alive = [b for b in bindings if b.expiresAt > now]
         if not alive:
             raise SIPError("Temporarily Unavailable", 480)
+        if len(alive) == 1:
+            return alive[0]
         return max(alive, key=lambda b: (_quality(b.params), b.expiresAt))
 
     def _nextHop(self, routes: list[str]) -> tuple[IListener, tuple[str, int]]:
