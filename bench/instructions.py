@@ -132,6 +132,69 @@ def driveOptions(count: int, part: str) -> None:
         raise SystemExit(f"only {stats['heartbeats.answered']} answers matched")
 
 
+RELAY_INVITE = (
+    b"INVITE sip:1001@example.com SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"From: <sip:caller@example.com>;tag=f1\r\n"
+    b"To: <sip:1001@example.com>\r\n"
+    b"Call-ID: call-relay-1\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"Contact: <sip:caller@203.0.113.50:5060>\r\n"
+    b"Content-Type: application/sdp\r\n"
+    b"Content-Length: 34\r\n\r\n"
+    b"v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\n"
+)
+
+
+def driveRelay(count: int) -> None:
+    """
+    Relay C{count} messages through the stateless relay: an INVITE from the
+    upstream to a registered device, and the device's 180 back, in turn.
+    """
+    from twisted.internet.task import Clock
+
+    from natkeep.bindings import BindingTable
+    from natkeep.config import Settings
+    from natkeep.counts import Counts
+    from natkeep.outbox import Outbox
+    from natkeep.plugins.natkeep_expiry import CapExpiry
+    from natkeep.registrar import Registrar
+    from natkeep.relay import Relay
+    from natkeep.sip import Request, parseMessage, splitValues
+    from natkeep.testing import fakeSocket, register
+
+    upstream, phone = ("203.0.113.50", 5060), ("192.0.2.77", 40000)
+    clock = Clock()
+    clock.advance(1000)
+    stats = Counts()
+    table = BindingTable()
+    outbox = Outbox(clock, None, stats)
+    registrar = Registrar(table, clock, outbox, CapExpiry(3600, 300))
+    protocol, wire = fakeSocket(registrar, outbox, clock, stats, address="198.51.100.10:5060")
+    relay = Relay(registrar, table, clock, outbox, [protocol], stats, secret=b"k" * 32)
+    relay.configure(Settings(upstream="sip:203.0.113.50:5060"))
+    protocol.controller = relay
+    protocol.onResponse = relay.responseReceived
+    protocol.datagramReceived(register(contacts=["<sip:1001@10.0.0.7:5060>"]), phone)
+    protocol.datagramReceived(RELAY_INVITE, upstream)
+    request = parseMessage(wire.written[-1][0])
+    assert isinstance(request, Request)
+    lines = ["SIP/2.0 180 Ringing"]
+    lines += [f"Via: {via}" for via in splitValues(request.headers["via"])]
+    for name in ("From", "To", "Call-ID", "CSeq"):
+        lines.append(f"{name}: {request.headers[name.lower()][0]}")
+    ringing = ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+    del wire.written[:]
+    for _ in range(max(1, count // 2)):
+        protocol.datagramReceived(RELAY_INVITE, upstream)
+        protocol.datagramReceived(ringing, phone)
+        del wire.written[:]
+    relayed = stats["relay.requests"] + stats["relay.responses"]
+    if relayed < count:
+        raise SystemExit(f"only {relayed} of {count} messages relayed: {dict(stats)}")
+
+
 def counted(count: int, store: str, what: str = "register") -> int:
     """
     Instructions callgrind counts for a whole run of C{count} REGISTERs,
@@ -166,17 +229,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", choices=["on", "off", "both"], default="both")
     parser.add_argument(
-        "--what", choices=["register", "options", "answer", "send"], default="register"
+        "--what", choices=["register", "options", "answer", "send", "relay"], default="register"
     )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive is not None:
-        if args.what in ("answer", "send"):
+        if args.what == "relay":
+            driveRelay(min(args.drive, 100_000))
+        elif args.what in ("answer", "send"):
             driveOptions(min(args.drive, 100_000), args.what)
         else:
             drive(min(args.drive, 100_000), args.store == "on")
         return
     results = {}
+    if args.what == "relay":
+        results["relay"] = (
+            counted(30_000, "off", "relay") - counted(10_000, "off", "relay")
+        ) // 20_000
+        print(f"relay: {results['relay']} instructions per relayed message")
+        print(json.dumps({"benchmark": "instructions", **results}))
+        return
     if args.what != "register":
         for part in ("answer", "send") if args.what == "options" else (args.what,):
             small = counted(OPTIONS_BINDINGS, "off", part)
