@@ -14,7 +14,7 @@ from natkeep.sip import Response
 
 #: What follows the phase in a heartbeat's Call-ID.
 _HOST: Final = "@natkeep"
-_LINE_END: Final = b"@natkeep\r\n"
+_LINE_END: Final = _HOST.encode("ascii") + b"\r\n"
 _LINE_END_LENGTH: Final = len(_LINE_END)
 
 #: The most digits a phase is read with (a binding table never gets near).
