@@ -225,6 +225,14 @@ def counted(count: int, store: str, what: str = "register") -> int:
     return int(match.group(1))
 
 
+def perItem(small: int, large: int, store: str, what: str) -> int:
+    """
+    Instructions per item: a run of C{large} items less one of C{small},
+    over the difference, so that start-up and imports cancel out.
+    """
+    return (counted(large, store, what) - counted(small, store, what)) // (large - small)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", choices=["on", "off", "both"], default="both")
@@ -241,26 +249,38 @@ def main() -> None:
         else:
             drive(min(args.drive, 100_000), args.store == "on")
         return
-    results = {}
     if args.what == "relay":
-        results["relay"] = (
-            counted(30_000, "off", "relay") - counted(10_000, "off", "relay")
-        ) // 20_000
-        print(f"relay: {results['relay']} instructions per relayed message")
-        print(json.dumps({"benchmark": "instructions", **results}))
-        return
-    if args.what != "register":
-        for part in ("answer", "send") if args.what == "options" else (args.what,):
-            small = counted(OPTIONS_BINDINGS, "off", part)
-            large = counted(3 * OPTIONS_BINDINGS, "off", part)
-            results[f"options_{part}"] = (large - small) // (2 * OPTIONS_BINDINGS)
-            print(f"OPTIONS {part:>6}: {results[f'options_{part}']} instructions each")
-        print(json.dumps({"benchmark": "instructions", **results}))
-        return
-    for store in ("off", "on") if args.store == "both" else (args.store,):
-        small, large = counted(1000, store), counted(3000, store)
-        results[f"store_{store}"] = (large - small) // 2000
-        print(f"store {store:>3}: {results[f'store_{store}']} instructions per REGISTER")
+        runs = [
+            ("relay", "relay: {} instructions per relayed message", 10_000, 30_000, "off", "relay")
+        ]
+    elif args.what != "register":
+        runs = [
+            (
+                f"options_{part}",
+                f"OPTIONS {part:>6}: {{}} instructions each",
+                OPTIONS_BINDINGS,
+                3 * OPTIONS_BINDINGS,
+                "off",
+                part,
+            )
+            for part in (("answer", "send") if args.what == "options" else (args.what,))
+        ]
+    else:
+        runs = [
+            (
+                f"store_{store}",
+                f"store {store:>3}: {{}} instructions per REGISTER",
+                1000,
+                3000,
+                store,
+                "register",
+            )
+            for store in (("off", "on") if args.store == "both" else (args.store,))
+        ]
+    results = {}
+    for key, line, small, large, store, what in runs:
+        results[key] = perItem(small, large, store, what)
+        print(line.format(results[key]))
     print(json.dumps({"benchmark": "instructions", **results}))
 
 
