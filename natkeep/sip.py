@@ -316,42 +316,81 @@ def splitCommas(values: list[str]) -> Iterator[str]:
     Split header values at the commas that separate field values, not those
     inside quoted strings or angle brackets (RFC 3261 §7.3.1).
     """
-    for value in values:
-        if "," not in value:
-            yield value
-            continue
-        depth = 0
-        quoted = False
-        escaped = False
-        start = 0
-        for i, ch in enumerate(value):
-            if escaped:
-                escaped = False
-            elif quoted:
-                if ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    quoted = False
-            elif ch == '"':
-                quoted = True
-            elif ch == "<":
-                depth += 1
-            elif ch == ">":
-                depth -= 1
-            elif ch == "," and depth == 0:
-                yield value[start:i].strip()
-                start = i + 1
-        yield value[start:].strip()
+    return iter(splitValues(values))
 
 
 def splitValues(values: list[str]) -> list[str]:
     """
-    L{splitCommas} as a list, without its cost in the common case of one
+    L{splitCommas} as a list: C{values} itself in the common case of one
     value holding no comma.
     """
     if len(values) == 1 and "," not in values[0]:
         return values
-    return list(splitCommas(values))
+    split: list[str] = []
+    for value in values:
+        if "," not in value:
+            split.append(value)
+        elif '"' in value:
+            _splitQuoted(value, split)
+        else:
+            _splitUnquoted(value, split)
+    return split
+
+
+def _splitUnquoted(value: str, split: list[str]) -> None:
+    """
+    Append the comma-separated parts of C{value}, which holds no quoted
+    string, to C{split}: a comma splits unless more C{<} than C{>} come
+    before it.  It jumps from one of those three characters to the next,
+    where L{_splitQuoted} reads every character, and splits the same.
+    """
+    start = 0
+    depth = 0
+    opening = value.find("<")
+    closing = value.find(">")
+    comma = value.find(",")
+    while comma >= 0:
+        while 0 <= opening < comma or 0 <= closing < comma:
+            if closing < 0 or 0 <= opening < closing:
+                depth += 1
+                opening = value.find("<", opening + 1)
+            else:
+                depth -= 1
+                closing = value.find(">", closing + 1)
+        if depth == 0:
+            split.append(value[start:comma].strip())
+            start = comma + 1
+        comma = value.find(",", comma + 1)
+    split.append(value[start:].strip())
+
+
+def _splitQuoted(value: str, split: list[str]) -> None:
+    """
+    Append the comma-separated parts of C{value} to C{split}, reading it a
+    character at a time for its quoted strings and their escapes.
+    """
+    depth = 0
+    quoted = False
+    escaped = False
+    start = 0
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            split.append(value[start:i].strip())
+            start = i + 1
+    split.append(value[start:].strip())
 
 
 def parseParams(text: str) -> list[tuple[str, Optional[str]]]:
@@ -714,7 +753,7 @@ def topVia(request: Request) -> Via:
         raise Unanswerable("no Via header")
     value = values[0]
     if "," in value:
-        value = next(splitCommas([value]))
+        value = splitValues([value])[0]
     try:
         return parseVia(value)
     except SIPError as e:

@@ -2,6 +2,8 @@
 Tests for L{natkeep.sip}, the SIP parser and renderer.
 """
 
+import random
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from natkeep.nat import isPrivateAddress
@@ -18,6 +20,8 @@ from natkeep.sip import (
     parseVia,
     renderParams,
     splitCommas,
+    splitValues,
+    topVia,
 )
 from natkeep.testing import register
 
@@ -200,6 +204,41 @@ class HeaderValueTests(SynchronousTestCase):
             list(splitCommas(values)),
             ['"Doe, J" <sip:a@b;x=1,2>;q=1', "<sip:c@d>", "sip:e@f"],
         )
+
+    def test_splitUnquotedAsScanned(self) -> None:
+        """
+        A value without a quoted string is split by jumping between its
+        commas and angle brackets, exactly where reading it a character at
+        a time splits it: brackets nested, unbalanced or closed before
+        they open included.
+        """
+        from natkeep.sip import _splitQuoted, _splitUnquoted
+
+        rng = random.Random(3261)
+        values = ["<sip:a;lr>, <sip:b;lr>", "a, b ,c", ",", "<,>,", "a>,b<,c>,d", "<<a,>b>,c"]
+        values += [
+            "".join(rng.choice("a,<> ;") for _ in range(rng.randrange(1, 24))) for _ in range(3000)
+        ]
+        for value in values:
+            fast: list[str] = []
+            scanned: list[str] = []
+            _splitUnquoted(value, fast)
+            _splitQuoted(value, scanned)
+            self.assertEqual(fast, scanned, value)
+        self.assertEqual(splitValues(["<sip:a;lr>, <sip:b;lr>"]), ["<sip:a;lr>", "<sip:b;lr>"])
+
+    def test_topViaOfList(self) -> None:
+        """
+        The top Via is the first of a comma-separated list.
+        """
+        request = parseMessage(
+            b"OPTIONS sip:a@b SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bK1, SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK2\r\n"
+            b"\r\n"
+        )
+        assert isinstance(request, Request)
+        via = topVia(request)
+        self.assertEqual((via.host, via.param("branch")), ("10.0.0.1", "z9hG4bK1"))
 
     def test_via(self) -> None:
         """
