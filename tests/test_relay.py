@@ -422,6 +422,33 @@ class ResponseTests(RelayTestCase):
         )
         self.assertEqual(self.stats["relay.responses"], 1)
 
+    def test_backWithBranchesForgotten(self) -> None:
+        """
+        The relay remembers the branch hashes it made so that a request's
+        responses need not hash again; the memory saves work and decides
+        nothing.  With it cleared, or filled past its bound by other
+        requests, the device's answers still go back, and they are checked
+        against the same hash.
+        """
+        from natkeep.relay import _BRANCHES_REMEMBERED
+
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(), UPSTREAM)
+        top = splitValues(request.headers["via"])[1]
+        remembered = self.relay._branchHash(top, 0)
+        self.relay._branches.clear()
+        self.assertEqual(self.relay._branchHash(top, 0), remembered)
+        self.relay._branches.clear()
+        [(_, address, _)] = self.send(self.response(request), PHONE)
+        self.assertEqual(address, UPSTREAM)
+        for n in range(_BRANCHES_REMEMBERED):
+            self.relay._branchHash(f"SIP/2.0/UDP 192.0.2.9;branch=z9hG4bK{n}", 0)
+        self.assertLessEqual(len(self.relay._branches), _BRANCHES_REMEMBERED)
+        [(_, address, _)] = self.send(self.response(request, code=200), PHONE)
+        self.assertEqual(address, UPSTREAM)
+        self.assertEqual(self.stats["relay.responses"], 2)
+        self.assertEqual(self.stats["relay.responses.unknown"], 0)
+
     def test_forgedViaDropped(self) -> None:
         """
         A response whose natkeep Via natkeep did not write (its branch hash
