@@ -13,10 +13,18 @@ NATed bindings, in two parts: the answer (a device's 200 OK handed to the
 listening socket, sorted, matched to its binding), and the heartbeat
 (rendered and sent by the sender's batch loop, the send itself a no-op).
 
+With C{--what relay}: instructions per relayed message, each new call's
+INVITE from the upstream to a registered device and the device's 180 back.
+With C{--what call}: the same over whole calls written as sipp writes them
+(INVITE, 180, 200 with SDP, ACK and BYE along the Record-Route, 200), the
+answers' Vias and Record-Routes each one comma-separated line.  These two
+count only inside the compiled socket's C{datagramReceived}, so that making
+the messages is not counted; they need the mypyc build.
+
 The figure is the difference between a run of 3 000 and one of 1 000
-REGISTERs (30 000 and 10 000 answers or heartbeats), divided by the
-difference, so start-up and imports cancel out.  Loops are bounded by the
-count; nothing touches the network.
+REGISTERs (30 000 and 10 000 answers or heartbeats, 18 000 and 6 000
+relayed messages), divided by the difference, so start-up and imports
+cancel out.  Loops are bounded by the count; nothing touches the network.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Any, Final
 
 
 def drive(count: int, storeOn: bool) -> None:
@@ -132,25 +141,36 @@ def driveOptions(count: int, part: str) -> None:
         raise SystemExit(f"only {stats['heartbeats.answered']} answers matched")
 
 
-RELAY_INVITE = (
-    b"INVITE sip:1001@example.com SIP/2.0\r\n"
-    b"Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1\r\n"
-    b"Max-Forwards: 70\r\n"
-    b"From: <sip:caller@example.com>;tag=f1\r\n"
-    b"To: <sip:1001@example.com>\r\n"
-    b"Call-ID: call-relay-1\r\n"
-    b"CSeq: 1 INVITE\r\n"
-    b"Contact: <sip:caller@203.0.113.50:5060>\r\n"
-    b"Content-Type: application/sdp\r\n"
-    b"Content-Length: 34\r\n\r\n"
-    b"v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\n"
-)
-
-
-def driveRelay(count: int) -> None:
+def relayInvite(n: int) -> bytes:
     """
-    Relay C{count} messages through the stateless relay: an INVITE from the
-    upstream to a registered device, and the device's 180 back, in turn.
+    Call C{n}'s INVITE from the upstream, as sipp's caller writes it: each
+    call its own branch, tag and Call-ID.
+    """
+    sdp = b"v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\n"
+    return (
+        b"INVITE sip:1001@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-%d-1-0\r\n"
+        b"From: <sip:caller@example.com>;tag=%dc1\r\n"
+        b"To: <sip:1001@example.com>\r\n"
+        b"Call-ID: %d-1@203.0.113.50\r\n"
+        b"CSeq: 1 INVITE\r\n"
+        b"Contact: <sip:caller@203.0.113.50:5060>\r\n"
+        b"Max-Forwards: 70\r\n"
+        b"Content-Type: application/sdp\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+    ) % (n, n, n, len(sdp), sdp)
+
+
+UPSTREAM = ("203.0.113.50", 5060)
+PHONE = ("192.0.2.77", 40000)
+
+
+def relayService() -> tuple[Any, Any, Any]:
+    """
+    A listening socket on an in-memory transport with the stateless relay
+    behind it, toward the upstream, and a device registered from L{PHONE}.
+
+    @return: the socket's protocol, its transport, the service's counts.
     """
     from twisted.internet.task import Clock
 
@@ -161,10 +181,8 @@ def driveRelay(count: int) -> None:
     from natkeep.plugins.natkeep_expiry import CapExpiry
     from natkeep.registrar import Registrar
     from natkeep.relay import Relay
-    from natkeep.sip import Request, parseMessage, splitValues
     from natkeep.testing import fakeSocket, register
 
-    upstream, phone = ("203.0.113.50", 5060), ("192.0.2.77", 40000)
     clock = Clock()
     clock.advance(1000)
     stats = Counts()
@@ -176,23 +194,96 @@ def driveRelay(count: int) -> None:
     relay.configure(Settings(upstream="sip:203.0.113.50:5060"))
     protocol.controller = relay
     protocol.onResponse = relay.responseReceived
-    protocol.datagramReceived(register(contacts=["<sip:1001@10.0.0.7:5060>"]), phone)
-    protocol.datagramReceived(RELAY_INVITE, upstream)
-    request = parseMessage(wire.written[-1][0])
-    assert isinstance(request, Request)
-    lines = ["SIP/2.0 180 Ringing"]
-    lines += [f"Via: {via}" for via in splitValues(request.headers["via"])]
-    for name in ("From", "To", "Call-ID", "CSeq"):
-        lines.append(f"{name}: {request.headers[name.lower()][0]}")
-    ringing = ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+    protocol.datagramReceived(register(contacts=["<sip:1001@10.0.0.7:5060>"]), PHONE)
     del wire.written[:]
-    for _ in range(max(1, count // 2)):
-        protocol.datagramReceived(RELAY_INVITE, upstream)
-        protocol.datagramReceived(ringing, phone)
+    return protocol, wire, stats
+
+
+def answer(request: Any, status: str, body: bytes = b"", tag: str = "") -> bytes:
+    """
+    The device's answer to C{request} as sipp's phone writes it: the Vias
+    and the Record-Routes each as one comma-separated line.
+    """
+    from natkeep.sip import splitValues
+
+    headers = request.headers
+    lines = [f"SIP/2.0 {status}", f"Via: {', '.join(splitValues(headers['via']))}"]
+    lines.append(f"From: {headers['from'][0]}")
+    lines.append(f"To: {headers['to'][0]}{tag}")
+    lines.append(f"Call-ID: {headers['call-id'][0]}")
+    lines.append(f"CSeq: {headers['cseq'][0]}")
+    if "record-route" in headers:
+        lines.append(f"Record-Route: {', '.join(splitValues(headers['record-route']))}")
+        lines.append("Contact: <sip:1001@10.0.0.7:5060>")
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def driveRelay(count: int) -> None:
+    """
+    Relay C{count} messages through the stateless relay: an INVITE from the
+    upstream to a registered device, and the device's 180 back, in turn,
+    each INVITE a new call's.
+    """
+    from natkeep.sip import Request, parseMessage
+
+    protocol, wire, stats = relayService()
+    for n in range(max(1, count // 2)):
+        protocol.datagramReceived(relayInvite(n), UPSTREAM)
+        request = parseMessage(wire.written[-1][0])
+        assert isinstance(request, Request)
+        protocol.datagramReceived(answer(request, "180 Ringing", tag=";tag=p1"), PHONE)
         del wire.written[:]
     relayed = stats["relay.requests"] + stats["relay.responses"]
     if relayed < count:
         raise SystemExit(f"only {relayed} of {count} messages relayed: {dict(stats)}")
+
+
+def driveCall(count: int) -> None:
+    """
+    Relay C{count} messages as whole calls, the six messages of each the
+    way sipp's caller and phone write them: the upstream's INVITE, the
+    device's 180 and 200 (with SDP), the upstream's ACK and BYE along the
+    Record-Route, and the device's 200 to the BYE.
+    """
+    from natkeep.sip import Request, parseMessage, splitValues
+
+    protocol, wire, stats = relayService()
+    sdp = b"v=0\r\no=phone 1 1 IN IP4 10.0.0.7\r\n"
+    for n in range(max(1, count // 6)):
+        protocol.datagramReceived(relayInvite(n), UPSTREAM)
+        invite = parseMessage(wire.written[-1][0])
+        assert isinstance(invite, Request)
+        protocol.datagramReceived(answer(invite, "180 Ringing", tag=";tag=p1"), PHONE)
+        protocol.datagramReceived(answer(invite, "200 OK", sdp, tag=";tag=p1"), PHONE)
+        routes = ", ".join(splitValues(invite.headers["record-route"]))
+        for cseq, method in ((1, "ACK"), (2, "BYE")):
+            request = (
+                f"{method} sip:1001@10.0.0.7:5060 SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-{n}-{cseq}-{method}\r\n"
+                f"From: <sip:caller@example.com>;tag={n}c1\r\n"
+                f"To: <sip:1001@example.com>;tag=p1\r\n"
+                f"Call-ID: {n}-1@203.0.113.50\r\n"
+                f"CSeq: {cseq} {method}\r\n"
+                f"Route: {routes}\r\n"
+                f"Max-Forwards: 70\r\n"
+                f"Content-Length: 0\r\n\r\n"
+            ).encode()
+            protocol.datagramReceived(request, UPSTREAM)
+        bye = parseMessage(wire.written[-1][0])
+        assert isinstance(bye, Request)
+        protocol.datagramReceived(answer(bye, "200 OK"), PHONE)
+        del wire.written[:]
+    relayed = stats["relay.requests"] + stats["relay.responses"]
+    if relayed < count:
+        raise SystemExit(f"only {relayed} of {count} messages relayed: {dict(stats)}")
+
+
+#: Where C{--what relay} and C{call} count: inside the compiled socket's
+#: C{datagramReceived}, so that making the messages is not counted.
+RECEIVED: Final = "CPyPy_protocol___SIPProtocol___datagramReceived"
 
 
 def counted(count: int, store: str, what: str = "register") -> int:
@@ -206,6 +297,7 @@ def counted(count: int, store: str, what: str = "register") -> int:
                 "valgrind",
                 "--tool=callgrind",
                 f"--callgrind-out-file={folder}/out",
+                *([f"--toggle-collect={RECEIVED}"] if what in ("relay", "call") else []),
                 sys.executable,
                 os.path.abspath(__file__),
                 "--drive",
@@ -222,6 +314,8 @@ def counted(count: int, store: str, what: str = "register") -> int:
     match = re.search(r"Collected : (\d+)", result.stderr)
     if match is None:
         raise SystemExit(f"callgrind printed no total:\n{result.stderr}")
+    if int(match.group(1)) == 0:
+        raise SystemExit(f"nothing ran inside {RECEIVED}: --what {what} counts the mypyc build")
     return int(match.group(1))
 
 
@@ -237,21 +331,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", choices=["on", "off", "both"], default="both")
     parser.add_argument(
-        "--what", choices=["register", "options", "answer", "send", "relay"], default="register"
+        "--what",
+        choices=["register", "options", "answer", "send", "relay", "call"],
+        default="register",
     )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive is not None:
         if args.what == "relay":
             driveRelay(min(args.drive, 100_000))
+        elif args.what == "call":
+            driveCall(min(args.drive, 100_000))
         elif args.what in ("answer", "send"):
             driveOptions(min(args.drive, 100_000), args.what)
         else:
             drive(min(args.drive, 100_000), args.store == "on")
         return
-    if args.what == "relay":
+    if args.what in ("relay", "call"):
         runs = [
-            ("relay", "relay: {} instructions per relayed message", 10_000, 30_000, "off", "relay")
+            (
+                args.what,
+                f"{args.what}: {{}} instructions per relayed message",
+                6_000,
+                18_000,
+                "off",
+                args.what,
+            )
         ]
     elif args.what != "register":
         runs = [
