@@ -270,10 +270,12 @@ class Relay:
         self.tokens = FlowTokens(self.secret)
         # Keyed once: each branch hash copies it rather than key a new one.
         self._branchMac = hashlib.blake2b(digest_size=8, key=self.secret[:64])
-        #: Branch hashes made, by listener and Via: a request's responses
-        #: (a 180, a 200, their retransmissions) check the hash its relay
-        #: made, and find it here (at most L{_BRANCHES_REMEMBERED}).
-        self._branches: dict[tuple[int, str], str] = {}
+        #: Branch hashes made, by listener and the Via below natkeep's, each
+        #: with where the responses go (the received and rport natkeep
+        #: wrote into that Via): a request's responses (a 180, a 200, their
+        #: retransmissions) find both here rather than hash and parse again
+        #: (at most L{_BRANCHES_REMEMBERED}).
+        self._branches: dict[tuple[int, str], tuple[str, tuple[str, int]]] = {}
         #: Who may register (C{allow}, C{deny}).
         self.sources = SourceFilter()
         #: Digest authentication, when C{auth} is on.
@@ -721,7 +723,7 @@ class Relay:
         self._remember(sentBy)
         # Symmetric responses (RFC 3581), whether or not rport was asked.
         top = via.render(("received", "rport"), f";received={source[0]};rport={source[1]}")
-        branch = f"{BRANCH_PREFIX}{self._branchHash(top, inIndex)}.{loopKey}"
+        branch = f"{BRANCH_PREFIX}{self._branchFor(top, inIndex, source)}.{loopKey}"
         forwarded = dict(request.headers)
         worker = "" if self.handoff is None else f";nkw={self.handoff.index}"
         forwarded["via"] = [
@@ -830,15 +832,20 @@ class Relay:
         return digest.hexdigest()
 
     def _branchHash(self, previous: str, listener: int) -> str:
-        key = (listener, previous)
-        branch = self._branches.get(key)
-        if branch is None:
-            digest = self._branchMac.copy()
-            digest.update(f"{listener}|{previous}".encode("utf-8", "surrogateescape"))
-            branch = digest.hexdigest()
-            if len(self._branches) >= _BRANCHES_REMEMBERED:
-                self._branches.clear()
-            self._branches[key] = branch
+        digest = self._branchMac.copy()
+        digest.update(f"{listener}|{previous}".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
+    def _branchFor(self, previous: str, listener: int, back: tuple[str, int]) -> str:
+        """
+        The branch hash of a request relayed from C{listener} with
+        C{previous} the Via below natkeep's, remembered with C{back}, where
+        that Via sends the responses.
+        """
+        branch = self._branchHash(previous, listener)
+        if len(self._branches) >= _BRANCHES_REMEMBERED:
+            self._branches.clear()
+        self._branches[(listener, previous)] = (branch, back)
         return branch
 
     # Responses
@@ -860,12 +867,27 @@ class Relay:
             branch = findParam(ours, "branch") or ""
             index = int(findParam(ours, "nki") or "-1")
             digest = branch[len(BRANCH_PREFIX) :].partition(".")[0]
-            if not (0 <= index < len(self.listeners)) or not hmac.compare_digest(
-                digest, self._branchHash(vias[1], index)
-            ):
+            if not 0 <= index < len(self.listeners):
                 self.stats["relay.responses.unknown"] += 1
                 return True
-            nextVia = parseVia(vias[1])
+            known = self._branches.get((index, vias[1]))
+            back: Optional[tuple[str, int]] = None
+            if known is not None:
+                expected, back = known
+            else:
+                expected = self._branchHash(vias[1], index)
+            if not hmac.compare_digest(digest, expected):
+                self.stats["relay.responses.unknown"] += 1
+                return True
+            if back is None:
+                # Not remembered (long ago, or another run's): the next
+                # Via says where, with the received and rport natkeep wrote.
+                nextVia = parseVia(vias[1])
+                rport = nextVia.param("rport")
+                back = (
+                    nextVia.param("received") or nextVia.host,
+                    int(rport) if rport and rport.isdigit() else (nextVia.port or 5060),
+                )
         except (SIPError, ValueError):
             self.stats["relay.responses.unknown"] += 1
             return True
@@ -880,9 +902,6 @@ class Relay:
                 return True
         if self.forwarder is not None and self.forwarder.responseReceived(response, branch):
             return True
-        host = nextVia.param("received") or nextVia.host
-        rport = nextVia.param("rport")
-        port = int(rport) if rport and rport.isdigit() else (nextVia.port or 5060)
         headers = dict(response.headers)
         headers["via"] = vias[1:]
         startLine = f"SIP/2.0 {response.code} {response.reason}"
@@ -907,12 +926,12 @@ class Relay:
                         startLine,
                         headers,
                         self.listeners[index],
-                        (host, port),
+                        back,
                         None,
                     )
                     return True
         data = renderMessage(startLine, headers, response.body)
-        self.outbox.send(self.listeners[index], data, (host, port))
+        self.outbox.send(self.listeners[index], data, back)
         return True
 
 

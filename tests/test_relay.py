@@ -435,15 +435,19 @@ class ResponseTests(RelayTestCase):
         self.registerPhone()
         request, _, _ = self.forwarded(invite(), UPSTREAM)
         top = splitValues(request.headers["via"])[1]
-        remembered = self.relay._branchHash(top, 0)
-        self.relay._branches.clear()
-        self.assertEqual(self.relay._branchHash(top, 0), remembered)
+        self.assertEqual(
+            self.relay._branches[(0, top)],
+            (self.relay._branchHash(top, 0), ("203.0.113.50", 5060)),
+        )
         self.relay._branches.clear()
         [(_, address, _)] = self.send(self.response(request), PHONE)
         self.assertEqual(address, UPSTREAM)
-        for n in range(_BRANCHES_REMEMBERED):
-            self.relay._branchHash(f"SIP/2.0/UDP 192.0.2.9;branch=z9hG4bK{n}", 0)
+        for n in range(_BRANCHES_REMEMBERED + 1):
+            self.relay._branchFor(
+                f"SIP/2.0/UDP 192.0.2.9;branch=z9hG4bK{n}", 0, ("192.0.2.9", 5060)
+            )
         self.assertLessEqual(len(self.relay._branches), _BRANCHES_REMEMBERED)
+        self.assertNotIn((0, top), self.relay._branches)
         [(_, address, _)] = self.send(self.response(request, code=200), PHONE)
         self.assertEqual(address, UPSTREAM)
         self.assertEqual(self.stats["relay.responses"], 2)
@@ -458,6 +462,22 @@ class ResponseTests(RelayTestCase):
         request, _, _ = self.forwarded(invite(), UPSTREAM)
         vias = splitValues(request.headers["via"])
         vias[1] = "SIP/2.0/UDP 198.18.66.66:9;branch=z9hG4bK-victim"
+        self.assertEqual(self.send(self.response(request, vias=vias), PHONE), [])
+        self.assertEqual(self.stats["relay.responses.unknown"], 1)
+
+    def test_forgedBranchDropped(self) -> None:
+        """
+        The Via below natkeep's as natkeep wrote it, which the relay
+        remembers, does not vouch for natkeep's own: with another hash in
+        its branch, the response is dropped.
+        """
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(), UPSTREAM)
+        vias = splitValues(request.headers["via"])
+        self.assertIn((0, vias[1]), self.relay._branches)
+        digest = self.relay._branches[(0, vias[1])][0]
+        vias[0] = vias[0].replace(digest, "0" * len(digest))
+        self.assertNotIn(digest, vias[0])
         self.assertEqual(self.send(self.response(request, vias=vias), PHONE), [])
         self.assertEqual(self.stats["relay.responses.unknown"], 1)
 
