@@ -913,6 +913,11 @@ def renderMessage(startLine: str, headers: dict[str, list[str]], body: bytes) ->
             continue
         written = known.get(name) or writtenName(name)
         for value in values:
-            parts += (written, ": ", value, "\r\n")
+            # Four appends: a native call each, where adding a tuple is a
+            # generic one.
+            parts.append(written)
+            parts.append(": ")
+            parts.append(value)
+            parts.append("\r\n")
     parts.append(f"Content-Length: {len(body)}\r\n\r\n")
     return "".join(parts).encode("utf-8") + body
