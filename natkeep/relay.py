@@ -35,6 +35,7 @@ import ipaddress
 import os
 import socket
 import struct
+import zlib
 from typing import Any, Callable, Final, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
@@ -85,8 +86,6 @@ MAX_FORWARDS: Final = 70
 #: advertised and learnt local addresses).
 _MAX_OWN: Final = 256
 
-#: The loop key's hash, copied for each request.
-_LOOP_HASH: Final = hashlib.blake2b(digest_size=5)
 
 #: Methods that get no Record-Route: they create no dialog.
 _NO_RECORD_ROUTE: Final = frozenset({"ACK", "CANCEL", "REGISTER"})
@@ -819,17 +818,22 @@ class Relay:
 
     def _loopKey(self, request: Request) -> str:
         """
-        A digest of what stays the same when a request comes back around a
-        loop (RFC 3261 §16.6 step 8): Request-URI, Call-ID, CSeq number and
-        From.  Not the CSeq method: a CANCEL (and the ACK of an error) must
-        carry its INVITE's branch.
+        A checksum of what stays the same when a request comes back around
+        a loop (RFC 3261 §16.6 step 8): Request-URI, Call-ID, CSeq number
+        and From.  Not the CSeq method: a CANCEL (and the ACK of an error)
+        must carry its INVITE's branch.  It proves nothing (anyone can
+        compute it), so a CRC serves: a spiral, back with another
+        Request-URI, is taken for a loop once in 2**32.
         """
         headers = request.headers
-        number = headers["cseq"][0].split(None, 1)[0]
-        text = "|".join((request.uri, headers["call-id"][0], number, headers["from"][0]))
-        digest = _LOOP_HASH.copy()
-        digest.update(text.encode("utf-8", "surrogateescape"))
-        return digest.hexdigest()
+        # The CSeq passed the request checks: digits, white space, method.
+        cseq = headers["cseq"][0]
+        end = 0
+        while end < len(cseq) and cseq[end].isdigit():
+            end += 1
+        text = "|".join((request.uri, headers["call-id"][0], cseq[:end], headers["from"][0]))
+        # In decimal: str() of an int is a native call, a hex format is not.
+        return str(zlib.crc32(text.encode("utf-8", "surrogateescape")))
 
     def _branchHash(self, previous: str, listener: int) -> str:
         digest = self._branchMac.copy()

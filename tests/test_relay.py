@@ -222,6 +222,23 @@ class InboundTests(RelayTestCase):
         looped = invite(via=f"{ours}\r\nVia: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1")
         self.assertEqual(self.answered(looped, UPSTREAM).code, 482)
 
+    def test_spiralNotLoop(self) -> None:
+        """
+        A request that comes back carrying natkeep's Via with another
+        Request-URI is a spiral (RFC 3261 §16.6 step 8): relayed, not 482.
+        """
+        self.registerPhone()
+        other = ("192.0.2.88", 5062)
+        self.registerPhone("1002", source=other)
+        request, _, _ = self.forwarded(invite(uri="sip:1001@example.com"), UPSTREAM)
+        ours = splitValues(request.headers["via"])[0]
+        spiral = invite(
+            uri="sip:1002@example.com",
+            via=f"{ours}\r\nVia: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-up1",
+        )
+        _, address, _ = self.forwarded(spiral, UPSTREAM)
+        self.assertEqual(address, other)
+
     def test_strangerRefused(self) -> None:
         """
         A request from a source that is no device, not the upstream and not
