@@ -479,17 +479,11 @@ class Relay:
             if not self.sources.allowed(source[0]):
                 self.stats["register.denied"] += 1
                 raise SIPError("Source Not Allowed", 403)
-            to = parseURI(parseNameAddr(request.headers["to"][0]).uri)
-            if self.domains:
-                if to.host.lower() not in self.domains and not self._ours(to):
-                    raise SIPError("Domain Not Served", 403)
-            if self.digest is not None:
-                user = self.digest.check(request)
-                if user != to.user:
-                    # Authenticated, but not as the AOR's owner.
-                    self.stats["auth.wrong-aor"] += 1
-                    raise SIPError("Forbidden", 403)
             forwarder = self.forwarder
+            if self.domains or self.digest is not None or forwarder is not None:
+                # Else the registrar reads the To itself, and nothing here
+                # needs it.
+                self._checkRegister(request)
             if forwarder is not None and not forwarder.absorbs(request, source, listener):
                 self._forwardRegister(request, via, cseq, source, listener)
                 return
@@ -504,6 +498,24 @@ class Relay:
             self.registrar.requestReceived(request, via, cseq, source, listener)
             return
         self._relay(request, via, cseq, source, listener)
+
+    def _checkRegister(self, request: Request) -> None:
+        """
+        A REGISTER's To is for a domain served, and its credentials are the
+        AOR owner's.
+
+        @raise SIPError: 400 for a malformed To, 401 or 403.
+        """
+        to = parseURI(parseNameAddr(request.headers["to"][0]).uri)
+        if self.domains:
+            if to.host.lower() not in self.domains and not self._ours(to):
+                raise SIPError("Domain Not Served", 403)
+        if self.digest is not None:
+            user = self.digest.check(request)
+            if user != to.user:
+                # Authenticated, but not as the AOR's owner.
+                self.stats["auth.wrong-aor"] += 1
+                raise SIPError("Forbidden", 403)
 
     def _relay(
         self, request: Request, via: Via, cseq: int, source: tuple[str, int], arrived: IListener

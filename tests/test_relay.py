@@ -554,6 +554,19 @@ class ForNatkeepTests(RelayTestCase):
         self.assertEqual((response.code, response.reason), (403, "Domain Not Served"))
         self.registerPhone()
 
+    def test_badToRegister(self) -> None:
+        """
+        A REGISTER whose To is no SIP URI is 400 and binds nothing, whether
+        the relay reads the To itself (C{domains} set) or leaves it to the
+        registrar (the default).
+        """
+        bad = register(user="1").replace(b"To: <sip:", b"To: <tel:")
+        for domains in (frozenset(), frozenset({"example.com"})):
+            self.relay.configure(self.settings(domains=domains))
+            response = self.answered(bad, PHONE)
+            self.assertEqual(response.code, 400, domains)
+        self.assertEqual(len(self.table), 0)
+
 
 class FuzzTests(RelayTestCase):
     """
