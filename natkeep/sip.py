@@ -806,8 +806,9 @@ def _tagged(to: str, callId: Optional[str], cseq: Optional[str]) -> str:
     params = to[to.rfind(">") + 1 :]
     if "=" in params and ";tag=" in params.lower().replace(" ", ""):
         return to
-    # Deterministic, so a retransmission gets the same tag.
-    return f"{to};tag={zlib.crc32(f'{callId}|{cseq}'.encode()):08x}"
+    # Deterministic, so a retransmission gets the same tag; in decimal, as
+    # str() of an int is a native call where a hex format is not.
+    return f"{to};tag={zlib.crc32(f'{callId}|{cseq}'.encode('utf-8', 'surrogateescape'))}"
 
 
 def _copiedHeaders(fields: dict[str, list[str]]) -> str:

@@ -19,6 +19,7 @@ from natkeep.sip import (
     parseURI,
     parseVia,
     renderParams,
+    renderResponse,
     splitCommas,
     splitValues,
     topVia,
@@ -187,6 +188,48 @@ class ParseMessageTests(SynchronousTestCase):
         )
         self.assertFault(
             b"OPTIONS sip:a SIP/2.0\r\n" + b"X: y\r\n" * 200 + b"\r\n", "Too Many Header Lines", 513
+        )
+
+
+class RenderResponseTests(SynchronousTestCase):
+    """
+    L{renderResponse} answers a request from its own headers.
+    """
+
+    def answer(self, data: bytes) -> Response:
+        request = parseMessage(data)
+        assert isinstance(request, Request)
+        via = topVia(request)
+        response = parseMessage(renderResponse(request, via, ("203.0.113.7", 40000), 200, "OK"))
+        assert isinstance(response, Response)
+        return response
+
+    def test_toTagged(self) -> None:
+        """
+        A To without a tag gets one made from the Call-ID and CSeq: the
+        same for a retransmission, another for the next request.  A To
+        with a tag keeps it.
+        """
+        first = self.answer(register()).header("to")
+        again = self.answer(register()).header("to")
+        following = self.answer(register(cseq=2)).header("to")
+        assert first is not None and following is not None
+        self.assertEqual(first, again)
+        self.assertRegex(first, r"^<sip:1001@example.com>;tag=\d+$")
+        self.assertNotEqual(first, following)
+        tagged = register().replace(
+            b"To: <sip:1001@example.com>", b"To: <sip:1001@example.com>;tag=abc"
+        )
+        self.assertEqual(self.answer(tagged).header("to"), "<sip:1001@example.com>;tag=abc")
+
+    def test_rportFilled(self) -> None:
+        """
+        The top Via gets received and the rport filled in (RFC 3581).
+        """
+        response = self.answer(register())
+        self.assertEqual(
+            response.header("via"),
+            "SIP/2.0/UDP 192.168.1.20:5060;branch=z9hG4bK-1;received=203.0.113.7;rport=40000",
         )
 
 
