@@ -240,14 +240,19 @@ def _fields(lines: list[str]) -> Optional[dict[str, list[str]]]:
     headers: dict[str, list[str]] = {}
     canonical = _CANONICAL
     for line in lines[1:]:
-        raw, sep, value = line.partition(":")
-        name = canonical.get(raw) if sep else None
+        colon = line.find(":")
+        if colon < 0:
+            # A continuation line, or no header at all.
+            return None
+        raw = line[:colon]
+        name = canonical.get(raw)
         if name is None:
             # A name as first written (the cache never holds one starting
-            # with white space), a continuation line, or no header at all.
-            if not sep or line[:1] in (" ", "\t"):
+            # with white space), or a continuation line.
+            if line[:1] in (" ", "\t"):
                 return None
             name = _headerName(raw)
+        value = line[colon + 1 :]
         values = headers.get(name)
         if values is None:
             headers[name] = [value.strip()]
