@@ -69,6 +69,7 @@ from natkeep.sip import (
     renderMessage,
     splitHostPort,
     splitValues,
+    withoutTopVia,
 )
 
 log = Logger(namespace="natkeep.relay")
@@ -918,11 +919,17 @@ class Relay:
                 return True
         if self.forwarder is not None and self.forwarder.responseReceived(response, branch):
             return True
+        self.stats["relay.responses"] += 1
+        media = self.media
+        if media is None or (response.header("call-id") or "") not in media.sessions:
+            # Passed on as it came, less natkeep's Via, where that can be cut.
+            spliced = withoutTopVia(response, vias[0])
+            if spliced is not None:
+                self.outbox.send(self.listeners[index], spliced, back)
+                return True
         headers = dict(response.headers)
         headers["via"] = vias[1:]
         startLine = f"SIP/2.0 {response.code} {response.reason}"
-        self.stats["relay.responses"] += 1
-        media = self.media
         if media is not None:
             callId = (headers.get("call-id") or [""])[0]
             if callId in media.sessions:

@@ -140,13 +140,22 @@ class Response(_HeaderFields):
     A parsed SIP response.
     """
 
-    __slots__ = ("code", "reason", "headers", "body")
+    __slots__ = ("code", "reason", "headers", "body", "data")
 
-    def __init__(self, code: int, reason: str, headers: dict[str, list[str]], body: bytes) -> None:
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        headers: dict[str, list[str]],
+        body: bytes,
+        data: bytes = b"",
+    ) -> None:
         self.code = code
         self.reason = reason
         self.headers = headers
         self.body = body
+        #: The datagram it was parsed from (L{withoutTopVia}).
+        self.data = data
 
     def __repr__(self) -> str:
         return f"Response(code={self.code}, reason={self.reason!r}, headers={self.headers!r})"
@@ -205,7 +214,7 @@ def parseMessage(data: bytes) -> Message:
             raise SIPError("Malformed Status Line")
         if not 100 <= code <= 699:
             raise SIPError("Malformed Status Line")
-        message = Response(code, parts[2] if len(parts) > 2 else "", headers, body)
+        message = Response(code, parts[2] if len(parts) > 2 else "", headers, body, data)
     else:
         parts = first.split(" ")
         if len(parts) != 3:
@@ -877,6 +886,43 @@ def renderResponse(
         copied = _copiedHeaders(fields)
     text = f"SIP/2.0 {code} {reason}\r\nVia: {top}\r\n{others}{copied}{extra}{trailer}"
     return text.encode("utf-8")
+
+
+_VIA_LINE: Final = b"\r\nVia: "
+
+
+def withoutTopVia(response: Response, top: str) -> Optional[bytes]:
+    """
+    The datagram C{response} came in without its first Via field value,
+    C{top}, and with every other byte as it came: all a proxy changes in a
+    response it passes on (RFC 3261 §16.7 step 3).
+
+    @return: L{None} unless the first header line is C{Via: } and its
+        value C{top} alone or C{top} and a comma (not another spelling, the
+        compact form, white space before the comma or a folded line): the
+        caller renders the response instead.
+    """
+    data = response.data
+    lineEnd = data.find(b"\r\n")
+    valueStart = lineEnd + len(_VIA_LINE)
+    if lineEnd < 0 or data[lineEnd:valueStart] != _VIA_LINE:
+        return None
+    valueEnd = data.find(b"\r\n", valueStart)
+    ours = top.encode("utf-8")
+    end = valueStart + len(ours)
+    if valueEnd < end or data[valueStart:end] != ours:
+        return None
+    if end == valueEnd:
+        # natkeep's Via alone on its line: the line goes.
+        return data[:lineEnd] + data[valueEnd:]
+    if data[end : end + 1] != b",":
+        return None
+    rest = end + 1
+    while data[rest : rest + 1] in (b" ", b"\t"):
+        rest += 1
+    if rest == valueEnd:
+        return None
+    return data[:valueStart] + data[rest:]
 
 
 #: How header names are written when natkeep renders a message it relays;

@@ -439,6 +439,42 @@ class ResponseTests(RelayTestCase):
         )
         self.assertEqual(self.stats["relay.responses"], 1)
 
+    def test_backAsWritten(self) -> None:
+        """
+        A response is passed on byte for byte as the device wrote it, less
+        natkeep's Via: its headers' spelling, order and folding of Vias
+        into one line stay.
+        """
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(), UPSTREAM)
+        vias = splitValues(request.headers["via"])
+        data = (
+            f"SIP/2.0 180 Ringing\r\nVia: {vias[0]}, {vias[1]}\r\n"
+            f"cseq: 1 INVITE\r\nX-Order: kept\r\ncall-id: call-relay-1\r\n"
+            f"From: <sip:caller@example.com>;tag=f1\r\nTo: <sip:1001@example.com>;tag=p\r\n"
+            f"Content-Length: 0\r\n\r\n"
+        ).encode()
+        [(out, address, _)] = self.send(data, PHONE)
+        self.assertEqual(address, UPSTREAM)
+        self.assertEqual(out, data.replace(f"{vias[0]}, ".encode(), b""))
+
+    def test_backCompactRendered(self) -> None:
+        """
+        A response whose Vias are in the compact form is rendered afresh,
+        natkeep's Via taken off all the same.
+        """
+        self.registerPhone()
+        request, _, _ = self.forwarded(invite(), UPSTREAM)
+        vias = splitValues(request.headers["via"])
+        data = self.response(request).replace(b"\r\nVia: ", b"\r\nv: ")
+        self.assertIn(b"\r\nv: ", data)
+        [(out, address, _)] = self.send(data, PHONE)
+        self.assertEqual(address, UPSTREAM)
+        response = parseMessage(out)
+        assert isinstance(response, Response)
+        self.assertEqual(splitValues(response.headers["via"]), vias[1:])
+        self.assertIn(b"\r\nVia: ", out)
+
     def test_backWithBranchesForgotten(self) -> None:
         """
         The relay remembers the branch hashes it made so that a request's

@@ -3,6 +3,7 @@ Tests for L{natkeep.sip}, the SIP parser and renderer.
 """
 
 import random
+from typing import Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,6 +24,7 @@ from natkeep.sip import (
     splitCommas,
     splitValues,
     topVia,
+    withoutTopVia,
 )
 from natkeep.testing import register
 
@@ -231,6 +233,59 @@ class RenderResponseTests(SynchronousTestCase):
             response.header("via"),
             "SIP/2.0/UDP 192.168.1.20:5060;branch=z9hG4bK-1;received=203.0.113.7;rport=40000",
         )
+
+
+class WithoutTopViaTests(SynchronousTestCase):
+    """
+    L{withoutTopVia} cuts a response's first Via value out of the datagram
+    and leaves every other byte, or declines.
+    """
+
+    top = "SIP/2.0/UDP 198.51.100.10:5060;branch=z9hG4bK-nk1"
+
+    def cut(self, *lines: str) -> Optional[bytes]:
+        data = ("\r\n".join(("SIP/2.0 180 Ringing",) + lines) + "\r\n\r\n").encode()
+        response = parseMessage(data)
+        assert isinstance(response, Response)
+        self.assertEqual(response.data, data)
+        return withoutTopVia(response, self.top)
+
+    def test_aloneOnItsLine(self) -> None:
+        """
+        natkeep's Via alone on the first header line: the line goes, the
+        rest stays as written (spelling and order included).
+        """
+        self.assertEqual(
+            self.cut(f"Via: {self.top}", "Via: SIP/2.0/UDP a;branch=z9hG4bK1", "cALL-id: x"),
+            b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\ncALL-id: x\r\n\r\n",
+        )
+
+    def test_firstOfList(self) -> None:
+        """
+        natkeep's Via first in a comma-separated line: it and the comma go.
+        """
+        for separator in (", ", ",", ",\t "):
+            self.assertEqual(
+                self.cut(f"Via: {self.top}{separator}SIP/2.0/UDP a;branch=z9hG4bK1", "CSeq: 1 X"),
+                b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nCSeq: 1 X\r\n\r\n",
+            )
+
+    def test_declines(self) -> None:
+        """
+        Anything else is left to rendering: the compact form, another
+        spelling, Via not first, a longer value, white space before the
+        comma, nothing after it, another Via first.
+        """
+        for lines in (
+            (f"v: {self.top}",),
+            (f"VIA: {self.top}",),
+            ("CSeq: 1 X", f"Via: {self.top}"),
+            (f"Via: {self.top}x",),
+            (f"Via: {self.top} , SIP/2.0/UDP a",),
+            (f"Via: {self.top},",),
+            ("Via: SIP/2.0/UDP a;branch=z9hG4bK1", f"Via: {self.top}"),
+        ):
+            self.assertIsNone(self.cut(*lines), lines)
 
 
 class HeaderValueTests(SynchronousTestCase):
