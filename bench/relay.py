@@ -198,17 +198,19 @@ def natkeepSteps(
 
 
 def floorSteps(
-    folder: str, phonePort: int, arguments: argparse.Namespace
+    folder: str, phonePort: int, arguments: argparse.Namespace, loop: str = "twisted"
 ) -> list[dict[str, float]]:
     """
-    The rate steps through bench/floor.py, pinned to core 0 like natkeep.
+    The rate steps through bench/floor.py (its C{--loop}), pinned to core 0
+    like natkeep.
     """
     port = freePort()
     forwarder = subprocess.Popen(
         onCore(
             0,
             [sys.executable, os.path.join(HERE, "floor.py")]
-            + ["--listen", f"127.0.0.1:{port}", "--phone", f"{PHONE}:{phonePort}"],
+            + ["--listen", f"127.0.0.1:{port}", "--phone", f"{PHONE}:{phonePort}"]
+            + ["--loop", loop],
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -216,7 +218,9 @@ def floorSteps(
     steps = []
     try:
         time.sleep(1)
-        print("Twisted floor (bench/floor.py: receive and send, no parsing, one core):")
+        print(
+            f"{loop} floor (bench/floor.py --loop {loop}: receive and send, no parsing, one core):"
+        )
         for rate in arguments.rates:
             step = runStep(
                 folder,
@@ -276,8 +280,10 @@ def main() -> None:
     parser.add_argument("--no-kamailio", action="store_true")
     parser.add_argument(
         "--floor",
-        action="store_true",
-        help="also the bare Twisted forwarder of bench/floor.py: the least a Twisted relay costs",
+        nargs="*",
+        choices=["twisted", "epoll", "blocking"],
+        help="also bench/floor.py's bare forwarders (alone: twisted, the least a Twisted "
+        "relay costs; epoll and blocking: Python loops without Twisted)",
     )
     parser.add_argument(
         "--allocator", default="tlsf", help="kamailio -x, as operators start it for load"
@@ -287,8 +293,8 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"natkeep": [], "kamailio": []}
-    if arguments.floor:
-        results["floor"] = []
+    if arguments.floor == []:
+        arguments.floor = ["twisted"]
 
     with tempfile.TemporaryDirectory() as folder:
         phonePort = freePort()
@@ -303,8 +309,9 @@ def main() -> None:
                 engine[0].terminate()
                 engine[0].wait(10)
 
-        if arguments.floor:
-            results["floor"] = floorSteps(folder, phonePort, arguments)
+        for loop in arguments.floor or ():
+            key = "floor" if loop == "twisted" else f"floor-{loop}"
+            results[key] = floorSteps(folder, phonePort, arguments, loop)
 
         kamailio: Optional[subprocess.Popen[bytes]] = None
         if not arguments.no_kamailio and os.path.exists(KAMAILIO):
