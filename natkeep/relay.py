@@ -157,8 +157,8 @@ _TOKENS_REMEMBERED: Final = 4096
 
 
 #: The most branch hashes a relay remembers: about two seconds of relaying
-#: at 1 500 calls a second, each call's INVITE, ACK and BYE (three Vias of
-#: about 150 bytes: 3 MB at most).
+#: at 1 500 calls a second, each call's INVITE, ACK and BYE (about 500
+#: bytes each with the Via it is kept by: 4 MB at most).
 _BRANCHES_REMEMBERED: Final = 8192
 
 

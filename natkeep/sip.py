@@ -903,9 +903,11 @@ def withoutTopVia(response: Response, top: str) -> Optional[bytes]:
         caller renders the response instead.
     """
     data = response.data
-    lineEnd = data.find(b"\r\n")
+    # The status line's end: its first LF, with a CR before it (a CRLF
+    # found further on could be the body's).
+    lineEnd = data.find(b"\n") - 1
     valueStart = lineEnd + len(_VIA_LINE)
-    if lineEnd < 0 or data[lineEnd:valueStart] != _VIA_LINE:
+    if lineEnd < 1 or data[lineEnd:valueStart] != _VIA_LINE:
         return None
     valueEnd = data.find(b"\r\n", valueStart)
     ours = top.encode("utf-8")

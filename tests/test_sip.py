@@ -287,6 +287,20 @@ class WithoutTopViaTests(SynchronousTestCase):
         ):
             self.assertIsNone(self.cut(*lines), lines)
 
+    def test_bodyLeftAlone(self) -> None:
+        """
+        A response whose header lines end in bare LFs is declined, even
+        when its body holds a CRLF and natkeep's Via after it.
+        """
+        body = f"x\r\nVia: {self.top}, SIP/2.0/UDP a".encode()
+        data = (
+            f"SIP/2.0 180 Ringing\nVia: {self.top}\nCSeq: 1 X\nContent-Length: {len(body)}\n\n"
+        ).encode() + body
+        response = parseMessage(data)
+        assert isinstance(response, Response)
+        self.assertEqual(response.body, body)
+        self.assertIsNone(withoutTopVia(response, self.top))
+
 
 class HeaderValueTests(SynchronousTestCase):
     """
