@@ -525,7 +525,7 @@ class Relay:
         method = request.method
         forwards = _maxForwards(request)
         vias = splitValues(headers["via"])
-        loopKey = self._loopKey(request)
+        loopKey = self._loopKey(request, cseq)
         mark = "." + loopKey
         for value in vias:
             if mark not in value or BRANCH_PREFIX not in value:
@@ -774,7 +774,7 @@ class Relay:
             arrived,
             out,
             splitValues(headers["via"]),
-            self._loopKey(request),
+            self._loopKey(request, cseq),
             forwards,
             routes,
         )
@@ -829,22 +829,18 @@ class Relay:
             address = self.upstream
         return self._listenerFor(address[0]), address
 
-    def _loopKey(self, request: Request) -> str:
+    def _loopKey(self, request: Request, cseq: int) -> str:
         """
         A checksum of what stays the same when a request comes back around
         a loop (RFC 3261 §16.6 step 8): Request-URI, Call-ID, CSeq number
         and From.  Not the CSeq method: a CANCEL (and the ACK of an error)
-        must carry its INVITE's branch.  It proves nothing (anyone can
+        must carry its INVITE's branch.  C{cseq} is the number the request
+        checks read.  It proves nothing (anyone can
         compute it), so a CRC serves: a spiral, back with another
         Request-URI, is taken for a loop once in 2**32.
         """
         headers = request.headers
-        # The CSeq passed the request checks: digits, white space, method.
-        cseq = headers["cseq"][0]
-        end = 0
-        while end < len(cseq) and cseq[end].isdigit():
-            end += 1
-        text = "|".join((request.uri, headers["call-id"][0], cseq[:end], headers["from"][0]))
+        text = "|".join((request.uri, headers["call-id"][0], str(cseq), headers["from"][0]))
         # In decimal: str() of an int is a native call, a hex format is not.
         return str(zlib.crc32(text.encode("utf-8", "surrogateescape")))
 
@@ -921,7 +917,9 @@ class Relay:
             return True
         self.stats["relay.responses"] += 1
         media = self.media
-        if media is None or (response.header("call-id") or "") not in media.sessions:
+        callId = response.header("call-id") or ""
+        inSession = media is not None and callId in media.sessions
+        if not inSession:
             # Passed on as it came, less natkeep's Via, where that can be cut.
             spliced = withoutTopVia(response, vias[0])
             if spliced is not None:
@@ -930,29 +928,27 @@ class Relay:
         headers = dict(response.headers)
         headers["via"] = vias[1:]
         startLine = f"SIP/2.0 {response.code} {response.reason}"
-        if media is not None:
-            callId = (headers.get("call-id") or [""])[0]
-            if callId in media.sessions:
-                method = (headers.get("cseq") or [""])[0].rpartition(" ")[2]
-                if response.code >= 300 and method == "INVITE" and not _tag(headers.get("to")):
-                    media.delete(callId, "")
-                elif response.code < 300 and method in _OFFERS and _hasSDP(response):
-                    nat = self._natDevice(headers.get("to"), source)
-                    self._withMedia(
-                        media.answer(
-                            callId,
-                            _tag(headers.get("from")),
-                            _tag(headers.get("to")),
-                            response.body,
-                            source[0] if nat else None,
-                        ),
-                        startLine,
-                        headers,
-                        self.listeners[index],
-                        back,
-                        None,
-                    )
-                    return True
+        if media is not None and inSession:
+            method = (headers.get("cseq") or [""])[0].rpartition(" ")[2]
+            if response.code >= 300 and method == "INVITE" and not _tag(headers.get("to")):
+                media.delete(callId, "")
+            elif response.code < 300 and method in _OFFERS and _hasSDP(response):
+                nat = self._natDevice(headers.get("to"), source)
+                self._withMedia(
+                    media.answer(
+                        callId,
+                        _tag(headers.get("from")),
+                        _tag(headers.get("to")),
+                        response.body,
+                        source[0] if nat else None,
+                    ),
+                    startLine,
+                    headers,
+                    self.listeners[index],
+                    back,
+                    None,
+                )
+                return True
         data = renderMessage(startLine, headers, response.body)
         self.outbox.send(self.listeners[index], data, back)
         return True
