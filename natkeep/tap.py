@@ -739,6 +739,15 @@ def _supervise(settings: Settings, options: Options, reactor: Any) -> IService:
             "workers > 1 needs a store the workers share: db = a SQLite file or "
             "postgresql://..., not :memory:"
         )
+    # The parent opens the store once, before any worker: it switches an
+    # SQLite file to WAL and brings the schema up to date alone, where
+    # workers starting together would race for the file's lock (a switch to
+    # WAL does not wait for it).  A store that cannot be used stops the
+    # start here, once, rather than every worker in turn.
+    try:
+        openStore(settings.db).close()
+    except StoreError as e:
+        raise ConfigError(str(e))
     supervisor = Supervisor(settings, options.argv, reactor)
     supervisor.bind()
     service = MultiService()

@@ -14,6 +14,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 from typing import Any, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,9 +27,10 @@ from natkeep.handoff import StoreDirectory
 from natkeep.metrics import Metrics
 from natkeep.sip import Request, parseMessage, parseNameAddr
 from natkeep.steering import sharedSockets, workerOf
-from natkeep.store import StoreError
+from natkeep.store import SCHEMA_VERSION, StoreError
+from natkeep.tap import Options, makeService
 from natkeep.testing import FakeListener, MemoryReader, MemoryStore, register
-from natkeep.workers import WorkerIdentity, mergeSnapshots
+from natkeep.workers import Supervisor, WorkerIdentity, mergeSnapshots
 from tests.helpers import freePort
 from tests.processes import NatkeepProcess, haveSipp
 from tests.test_edge import freeTCPPort, placeCall, registerPhone
@@ -286,6 +288,49 @@ class StoreDirectoryTests(SynchronousTestCase):
         self.assertEqual(len(opened), 2)
 
 
+class ParentStoreTests(SynchronousTestCase):
+    """
+    The parent of workers opens the store once before it starts any.
+    """
+
+    def makeService(self, *argv: str) -> Any:
+        """
+        The service C{twistd natkeep --workers 2} makes, not started; its
+        sockets are closed and SIGHUP's handler restored at cleanup.
+        """
+        options = Options()
+        options.parseOptions(["--workers", "2", "--listen", f"127.0.0.1:{freePort()}", *argv])
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+        service = makeService(options)
+        for child in service:
+            if isinstance(child, Supervisor):
+                self.addCleanup(child._close)
+        return service
+
+    def test_storeReady(self) -> None:
+        """
+        Before any worker runs, the SQLite file exists in WAL mode with the
+        current schema: workers that start together find nothing left to
+        switch or migrate, so none meets the file locked by another.
+        """
+        path = self.mktemp()
+        self.makeService("--db", path)
+        with closing(sqlite3.connect(path)) as db:
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
+            self.assertEqual(db.execute("SELECT count(*) FROM bindings").fetchone(), (0,))
+
+    def test_unusableStore(self) -> None:
+        """
+        A store that cannot be used stops the start in the parent, with a
+        message naming the file, before any socket is bound.
+        """
+        path = os.path.join(self.mktemp(), "missing", "natkeep.sqlite")
+        with self.assertRaises(SystemExit) as raised:
+            self.makeService("--db", path)
+        self.assertIn(f"cannot use binding database {path}", str(raised.exception))
+
+
 class TwoWorkerTests(SynchronousTestCase):
     """
     C{--workers 2}: real processes, real sockets, SQLite shared.
@@ -483,14 +528,13 @@ class TwoWorkerTests(SynchronousTestCase):
         )
         victim = data["workers"][1]["pid"]
         survivor = data["workers"][0]["pid"]
-        # Counted from here: a worker may already have been restarted once
-        # at start-up (it met the store locked by the other one).
-        restarts = data["workers"][1]["restarts"]
+        # Neither worker ended at start-up (the parent readied the store).
+        self.assertEqual([w["restarts"] for w in data["workers"]], [0, 0])
         os.kill(victim, signal.SIGKILL)
         data = waitFor(
             "worker 1 replaced, its bindings restored",
             lambda: (
-                (s := status(self.statusPort))["workers"][1]["restarts"] == restarts + 1
+                (s := status(self.statusPort))["workers"][1]["restarts"] == 1
                 and s["workers"][1]["alive"]
                 and s["workers"][1]["bindings"] == 3
                 and s
