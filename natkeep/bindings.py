@@ -48,6 +48,10 @@ class Binding:
     @ivar upstreamUntil: with C{register_mode = forward}, when the
         upstream's registration of this Contact runs out (0: unknown, as
         after a restart, so the next refresh goes upstream).
+    @ivar modified: the clock time of the REGISTER that last changed it,
+        never going back.  A store writes or deletes a row only for a copy
+        at least as new as the row's, so that a late commit of a worker or
+        node the device has left cannot undo the one it moved to.
     """
 
     __slots__ = (
@@ -62,6 +66,7 @@ class Binding:
         "cseq",
         "phase",
         "upstreamUntil",
+        "modified",
     )
 
     def __init__(
@@ -77,6 +82,7 @@ class Binding:
         cseq: int,
         phase: int = 0,
         upstreamUntil: float = 0.0,
+        modified: float = 0.0,
     ) -> None:
         self.aor = aor
         self.uri = uri
@@ -89,6 +95,7 @@ class Binding:
         self.cseq = cseq
         self.phase = phase
         self.upstreamUntil = upstreamUntil
+        self.modified = modified
 
     def __repr__(self) -> str:
         return (
@@ -97,7 +104,9 @@ class Binding:
         )
 
 
-def storedRow(binding: Binding) -> tuple[str, str, str, str, int, str, bool, float, str, int]:
+def storedRow(
+    binding: Binding,
+) -> tuple[str, str, str, str, int, str, bool, float, str, int, float]:
     """
     What a store keeps of C{binding}, as it is now, as a plain tuple in
     L{StoredBinding}'s field order: the cheaper form for a store that
@@ -115,6 +124,7 @@ def storedRow(binding: Binding) -> tuple[str, str, str, str, int, str, bool, flo
         binding.expiresAt,
         binding.callId,
         binding.cseq,
+        binding.modified,
     )
 
 
@@ -135,6 +145,8 @@ class StoredBinding(NamedTuple):
     expiresAt: float
     callId: str
     cseq: int
+    #: L{Binding.modified}; 0 in rows stored before it was kept.
+    modified: float = 0.0
 
     @classmethod
     def of(cls, binding: Binding) -> StoredBinding:
@@ -164,6 +176,7 @@ class StoredBinding(NamedTuple):
             float(self.expiresAt),
             self.callId,
             self.cseq,
+            modified=float(self.modified),
         )
 
 
@@ -255,9 +268,11 @@ class BindingTable:
         callId: str,
         cseq: int,
         params: str,
+        modified: float = 0.0,
     ) -> None:
         """
-        Update a binding in place with what a new REGISTER said.
+        Update a binding in place with what a new REGISTER said, at clock
+        time C{modified}.
         """
         if nat != binding.nat:
             if nat:
@@ -273,6 +288,8 @@ class BindingTable:
         binding.callId = callId
         binding.cseq = cseq
         binding.params = params
+        if modified > binding.modified:
+            binding.modified = modified
         if math.ceil(expiresAt) != math.ceil(binding.expiresAt):
             self._unschedule(binding)
             binding.expiresAt = expiresAt

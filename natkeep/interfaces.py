@@ -284,23 +284,28 @@ class IBindingStore(Interface):
         buffered for the next commit.
         """
 
-    def takeWrites() -> tuple[dict[tuple[str, str], Binding], set[tuple[str, str]]]:
+    def takeWrites() -> tuple[dict[tuple[str, str], Binding], dict[tuple[str, str], float]]:
         """
-        Hand over the buffered writes (puts by key, deleted keys), for a
-        commit made elsewhere (on the writer thread), and start a new
-        buffer.
+        Hand over the buffered writes (puts by key; deleted keys, each with
+        the deleting copy's L{Binding.modified}), for a commit made
+        elsewhere (on the writer thread), and start a new buffer.
         """
 
-    def restoreWrites(puts: dict[tuple[str, str], Binding], deletes: set[tuple[str, str]]) -> None:
+    def restoreWrites(
+        puts: dict[tuple[str, str], Binding], deletes: dict[tuple[str, str], float]
+    ) -> None:
         """
         Put back writes a failed commit took, under any made since.
         """
 
-    def write(rows: Sequence[tuple[Any, ...]], deletes: Iterable[tuple[str, str]]) -> None:
+    def write(rows: Sequence[tuple[Any, ...]], deletes: dict[tuple[str, str], float]) -> None:
         """
         Delete C{deletes} and upsert C{rows} (L{StoredBinding} field order)
-        in one transaction.  The only call that may run off the reactor
-        thread (one at a time); it touches no binding.
+        in one transaction.  A row replaces, and a delete removes, only a
+        stored row whose C{modified} is not later than its own: a late
+        commit from a worker or node the device has left changes nothing.
+        The only call that may run off the reactor thread (one at a time);
+        it touches no binding.
 
         @raise Exception: when nothing of it was written.
         """

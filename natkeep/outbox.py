@@ -20,7 +20,7 @@ Past L{MAX_HELD} answers waiting, the registrar answers 503 at once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Final, Iterable, Optional, Sequence
+from typing import Any, Callable, Final, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -69,7 +69,7 @@ def failedAnswer(data: bytes) -> bytes:
     return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
-Writer = Callable[[Sequence[tuple[Any, ...]], Iterable[tuple[str, str]]], "defer.Deferred[None]"]
+Writer = Callable[[Sequence[tuple[Any, ...]], dict[tuple[str, str], float]], "defer.Deferred[None]"]
 
 
 class Outbox:
@@ -257,7 +257,7 @@ class Outbox:
         self,
         failure: Failure,
         puts: dict[tuple[str, str], Binding],
-        deletes: set[tuple[str, str]],
+        deletes: dict[tuple[str, str], float],
     ) -> None:
         held, self._inFlight = self._inFlight or [], None
         store = self.store

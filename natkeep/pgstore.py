@@ -13,13 +13,13 @@ stay buffered for the one after.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from zope.interface import implementer
 
 from natkeep.bindings import StoredBinding
 from natkeep.interfaces import IBindingReader, IBindingStore
-from natkeep.store import Row, StoreError, WriteBuffer
+from natkeep.store import Deletes, Row, StoreError, WriteBuffer
 
 #: The steps that take a database from version N to N+1, at index N.
 MIGRATIONS: tuple[str, ...] = (
@@ -41,30 +41,40 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX natkeep_bindings_listener ON natkeep_bindings (listener);
     """,
+    # 1 -> 2: when the REGISTER behind each row arrived (see
+    # L{natkeep.store}); rows from before count as oldest.
+    """
+    ALTER TABLE natkeep_bindings
+        ADD COLUMN modified DOUBLE PRECISION NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_COLUMNS = "aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq"
+_COLUMNS = "aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq, modified"
 
 #: One statement for a whole commit's rows, one array per column: a commit
-#: costs one round trip and one plan, however many rows it holds.
+#: costs one round trip and one plan, however many rows it holds.  As in
+#: SQLite, a row or a delete older than the stored row is left out.
 _UPSERT = f"""
 INSERT INTO natkeep_bindings ({_COLUMNS})
 SELECT * FROM unnest(
     %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[],
-    %s::text[], %s::boolean[], %s::double precision[], %s::text[], %s::bigint[]
+    %s::text[], %s::boolean[], %s::double precision[], %s::text[], %s::bigint[],
+    %s::double precision[]
 )
 ON CONFLICT (aor, uri) DO UPDATE SET
     params = excluded.params, host = excluded.host, port = excluded.port,
     listener = excluded.listener, nat = excluded.nat,
     expires_at = excluded.expires_at, call_id = excluded.call_id,
-    cseq = excluded.cseq
+    cseq = excluded.cseq, modified = excluded.modified
+WHERE excluded.modified >= natkeep_bindings.modified
 """
 
 _DELETE = """
-DELETE FROM natkeep_bindings
-WHERE (aor, uri) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+DELETE FROM natkeep_bindings AS b
+USING unnest(%s::text[], %s::text[], %s::double precision[]) AS d (aor, uri, modified)
+WHERE b.aor = d.aor AND b.uri = d.uri AND b.modified <= d.modified
 """
 
 #: Seconds a connection attempt may take.
@@ -159,9 +169,10 @@ class PostgreSQLStore(WriteBuffer):
                 for row in cursor:
                     yield make(row)
 
-    def write(self, rows: Sequence[Row], deletes: Iterable[tuple[str, str]]) -> None:
+    def write(self, rows: Sequence[Row], deletes: Deletes) -> None:
         """
-        Delete C{deletes} and upsert C{rows} in one transaction, pipelined.
+        Delete C{deletes} and upsert C{rows} in one transaction, pipelined,
+        each only over an older row.
         Safe to call from the store's writer thread, one call at a time.
 
         @raise StoreError: naming the database and the reason; nothing of
@@ -170,10 +181,16 @@ class PostgreSQLStore(WriteBuffer):
         psycopg = self._psycopg
         try:
             conn = self._connection()
-            deleted = list(deletes)
             with conn.transaction():
-                if deleted:
-                    conn.execute(_DELETE, [list(column) for column in zip(*deleted, strict=True)])
+                if deletes:
+                    conn.execute(
+                        _DELETE,
+                        [
+                            [aor for aor, _ in deletes],
+                            [uri for _, uri in deletes],
+                            list(deletes.values()),
+                        ],
+                    )
                 if rows:
                     # The keys are unique: a commit's rows come from a dict.
                     conn.execute(_UPSERT, [list(column) for column in zip(*rows, strict=True)])

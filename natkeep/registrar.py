@@ -241,6 +241,7 @@ class Registrar:
                     now + granted,
                     callId,
                     cseq,
+                    modified=now,
                 )
                 self.table.add(binding)
                 self.stats["bindings.added"] += 1
@@ -257,6 +258,7 @@ class Registrar:
                     callId=callId,
                     cseq=cseq,
                     params=params,
+                    modified=now,
                 )
                 self.stats["bindings.refreshed"] += 1
             if self.store is not None:

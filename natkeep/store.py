@@ -10,13 +10,19 @@ few commits.
 
 The schema is upgraded by explicit steps (L{MIGRATIONS}), one per version,
 each in its own transaction.
+
+Every row keeps when the REGISTER that made it arrived (C{modified}, from
+L{Binding.modified}).  An upsert replaces a row and a delete removes it only
+when the writing copy is at least as new: workers and nodes share the store,
+and a commit from one the device has just left may land after the commit of
+the one it moved to.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from zope.interface import implementer
 
@@ -50,6 +56,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX IF EXISTS bindings_expiry;
     """,
+    # 2 -> 3: when the REGISTER behind each row arrived; rows from before
+    # count as oldest.
+    """
+    ALTER TABLE bindings ADD COLUMN modified REAL NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -60,17 +71,21 @@ SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT = 20.0
 
 #: The columns in L{StoredBinding}'s field order.
-_COLUMNS = "aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq"
+_COLUMNS = "aor, uri, params, host, port, listener, nat, expires_at, call_id, cseq, modified"
 
+#: A row older than the stored one is left out (see the module docstring).
 _UPSERT = f"""
 INSERT INTO bindings ({_COLUMNS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (aor, uri) DO UPDATE SET
     params = excluded.params, host = excluded.host, port = excluded.port,
     listener = excluded.listener, nat = excluded.nat,
     expires_at = excluded.expires_at, call_id = excluded.call_id,
-    cseq = excluded.cseq
+    cseq = excluded.cseq, modified = excluded.modified
+WHERE excluded.modified >= bindings.modified
 """
+
+_DELETE = "DELETE FROM bindings WHERE aor = ? AND uri = ? AND modified <= ?"
 
 
 class StoreError(Exception):
@@ -80,13 +95,17 @@ class StoreError(Exception):
 
 
 #: A store row: L{StoredBinding}'s fields, in order.
-Row = tuple[str, str, str, str, int, str, bool, float, str, int]
+Row = tuple[str, str, str, str, int, str, bool, float, str, int, float]
+
+#: Buffered deletes: each key, with the C{modified} time of the copy that
+#: deleted it (a newer row stays).
+Deletes = dict[tuple[str, str], float]
 
 
 class WriteBuffer:
     """
     The changes of a reactor turn, waiting for a commit: the latest put of
-    each binding, and the deletions.  Every store keeps its writes here.
+    each binding, and the deletions (L{Deletes}).  Every store keeps its writes here.
 
     A store that inherits it provides L{write}, the one step that touches
     the database; L{commit} takes the buffer and writes it, keeping it on
@@ -95,43 +114,43 @@ class WriteBuffer:
 
     def __init__(self) -> None:
         self._puts: dict[tuple[str, str], Binding] = {}
-        self._deletes: set[tuple[str, str]] = set()
+        self._deletes: Deletes = {}
 
     def put(self, binding: Binding) -> None:
         key = (binding.aor, binding.uri)
-        self._deletes.discard(key)
+        self._deletes.pop(key, None)
         self._puts[key] = binding
 
     def delete(self, binding: Binding) -> None:
         key = (binding.aor, binding.uri)
         self._puts.pop(key, None)
-        self._deletes.add(key)
+        self._deletes[key] = binding.modified
 
     def pending(self) -> bool:
         return bool(self._puts or self._deletes)
 
-    def takeWrites(self) -> tuple[dict[tuple[str, str], Binding], set[tuple[str, str]]]:
+    def takeWrites(self) -> tuple[dict[tuple[str, str], Binding], Deletes]:
         """
         Hand over the buffered writes and start a new buffer.
         """
         puts, self._puts = self._puts, {}
-        deletes, self._deletes = self._deletes, set()
+        deletes, self._deletes = self._deletes, {}
         return puts, deletes
 
-    def restoreWrites(
-        self, puts: dict[tuple[str, str], Binding], deletes: set[tuple[str, str]]
-    ) -> None:
+    def restoreWrites(self, puts: dict[tuple[str, str], Binding], deletes: Deletes) -> None:
         """
         Put back writes a failed commit took, under any made since.
         """
         for key in self._deletes:
             puts.pop(key, None)
-        deletes -= self._puts.keys()
+        for key in self._puts:
+            deletes.pop(key, None)
         puts.update(self._puts)
         self._puts = puts
-        self._deletes |= deletes
+        deletes.update(self._deletes)
+        self._deletes = deletes
 
-    def write(self, rows: Sequence[Row], deletes: Iterable[tuple[str, str]]) -> None:
+    def write(self, rows: Sequence[Row], deletes: Deletes) -> None:
         raise NotImplementedError()
 
     def commit(self) -> None:
@@ -227,9 +246,10 @@ class SQLiteStore(WriteBuffer):
         for row in cursor:
             yield make(row)
 
-    def write(self, rows: Sequence[Row], deletes: Iterable[tuple[str, str]]) -> None:
+    def write(self, rows: Sequence[Row], deletes: Deletes) -> None:
         """
-        Delete C{deletes} and upsert C{rows} in one transaction.  Safe to
+        Delete C{deletes} and upsert C{rows} in one transaction, each only
+        over an older row.  Safe to
         call from the store's writer thread, one call at a time.
 
         @raise StoreError: naming the file and SQLite's reason (a full disk,
@@ -238,7 +258,7 @@ class SQLiteStore(WriteBuffer):
         db = self._db
         try:
             db.execute("BEGIN")
-            db.executemany("DELETE FROM bindings WHERE aor = ? AND uri = ?", deletes)
+            db.executemany(_DELETE, [(aor, uri, m) for (aor, uri), m in deletes.items()])
             if rows:
                 db.executemany(_UPSERT, rows)
             db.execute("COMMIT")
@@ -341,9 +361,7 @@ class ThreadedWriter:
         if self.pool.started and not self.pool.joined:
             self.pool.stop()
 
-    def __call__(
-        self, rows: Sequence[tuple[Any, ...]], deletes: Iterable[tuple[str, str]]
-    ) -> "Deferred[None]":
+    def __call__(self, rows: Sequence[tuple[Any, ...]], deletes: Deletes) -> "Deferred[None]":
         from twisted.internet.threads import deferToThreadPool
 
         return deferToThreadPool(self.reactor, self.pool, self.store.write, rows, deletes)

@@ -21,7 +21,7 @@ from natkeep.interfaces import IBindingReader, IBindingStore, IListener, ISIPCon
 from natkeep.outbox import Outbox
 from natkeep.protocol import SIPProtocol
 from natkeep.sip import Response
-from natkeep.store import Row, WriteBuffer
+from natkeep.store import Deletes, Row, WriteBuffer
 
 
 @implementer(IListener)
@@ -88,14 +88,20 @@ class MemoryStore(WriteBuffer):
             del self.rows[key]
         return list(self.rows.values())
 
-    def write(self, rows: Sequence[Row], deletes: Iterable[tuple[str, str]]) -> None:
+    def write(self, rows: Sequence[Row], deletes: Deletes) -> None:
         if self.failures:
             self.failures -= 1
             raise OSError("commit failed")
-        for key in deletes:
-            self.rows.pop(key, None)
+        # Each only over an older row, as the real stores do.
+        for key, modified in deletes.items():
+            stored = self.rows.get(key)
+            if stored is not None and stored.modified <= modified:
+                del self.rows[key]
         for row in rows:
-            self.rows[(row[0], row[1])] = StoredBinding._make(row)
+            key = (row[0], row[1])
+            stored = self.rows.get(key)
+            if stored is None or row[10] >= stored.modified:
+                self.rows[key] = StoredBinding._make(row)
         self.commits += 1
 
     def verify(self) -> Optional[str]:

@@ -479,6 +479,29 @@ class DurabilityTests(RegistrarTestCase):
         self.send(register(cseq=2, expires=0))
         self.assertEqual(self.store.rows, {})
 
+    def test_modifiedStored(self) -> None:
+        """
+        A binding and its row carry the clock time of the REGISTER that
+        last changed it, and that time never goes back, even when the
+        clock does: the store orders one copy's writes by it.
+        """
+        start = self.clock.seconds()
+        self.send(register())
+        self.clock.advance(0)
+        [binding] = self.table.lookup("sip:1001@example.com")
+        [row] = self.store.rows.values()
+        self.assertEqual((binding.modified, row.modified), (start, start))
+        self.clock.advance(20)
+        self.send(register(cseq=2))
+        self.clock.advance(0)
+        [row] = self.store.rows.values()
+        self.assertEqual((binding.modified, row.modified, row.cseq), (start + 20, start + 20, 2))
+        self.clock.rightNow -= 10
+        self.send(register(cseq=3))
+        self.clock.advance(0)
+        [row] = self.store.rows.values()
+        self.assertEqual((binding.modified, row.modified, row.cseq), (start + 20, start + 20, 3))
+
 
 class NATDetectionTests(RegistrarTestCase):
     """

@@ -170,6 +170,38 @@ class StoreContractMixin:
         self.store.commit()
         self.assertEqual([r.aor for r in self.reopen().load(0.0)], [b.aor])  # type: ignore[attr-defined]
 
+    def test_olderCopyLeftOut(self) -> None:
+        """
+        A row replaces, and a delete removes, only a stored row no newer
+        than its copy (L{Binding.modified}): the late commit of a worker or
+        node a device has left changes nothing.  The same time replaces
+        (a takeover writes what it restored), and the newer copy's own
+        delete removes.
+        """
+        moved, left = binding(1), binding(1)
+        moved.source, moved.modified = ("203.0.113.9", 40000), 200.0
+        left.modified = 100.0
+        self.store.put(moved)
+        self.store.commit()
+        self.store.put(left)
+        self.store.commit()
+        self.store.delete(left)
+        self.store.commit()
+        [row] = list(self.reopen().load(0.0))
+        self.assertEqual(  # type: ignore[attr-defined]
+            (row.source, row.modified), (("203.0.113.9", 40000), 200.0)
+        )
+        again = binding(1)
+        again.modified, again.cseq = 200.0, 7
+        self.store.put(again)
+        self.store.commit()
+        [row] = list(self.reopen().load(0.0))
+        self.assertEqual((row.source, row.cseq), (again.source, 7))  # type: ignore[attr-defined]
+        self.assertEqual(row.restore(FakeListener()).modified, 200.0)  # type: ignore[attr-defined]
+        self.store.delete(again)
+        self.store.commit()
+        self.assertEqual(list(self.reopen().load(0.0)), [])  # type: ignore[attr-defined]
+
     def test_expiredDroppedOnLoad(self) -> None:
         """
         Loading drops rows that expired meanwhile, from the store too.
@@ -347,6 +379,32 @@ class PostgreSQLStoreTests(SynchronousTestCase):
             rows = conn.execute("SELECT version FROM natkeep_schema").fetchall()
         self.assertEqual(rows, [(SCHEMA_VERSION,)])
 
+    def test_upgradeFromVersion1(self) -> None:
+        """
+        A version 1 database, which kept no C{modified}, opens with its
+        bindings intact at the current version, each counted as oldest.
+        """
+        import psycopg
+
+        from natkeep.pgstore import MIGRATIONS, SCHEMA_VERSION, PostgreSQLStore
+
+        with psycopg.connect(self.uri, autocommit=True) as conn:
+            conn.execute(MIGRATIONS[0])  # type: ignore[arg-type]
+            conn.execute("CREATE TABLE natkeep_schema (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO natkeep_schema (version) VALUES (1)")
+            conn.execute(
+                "INSERT INTO natkeep_bindings (aor, uri, params, host, port, listener, nat,"
+                " expires_at, call_id, cseq) VALUES ('sip:1@example.com', 'sip:1@h', '',"
+                " '198.51.100.7', 1, '127.0.0.1:5060', true, 500.0, 'c', 1)"
+            )
+        store = PostgreSQLStore(self.uri)
+        self.addCleanup(store.close)
+        [row] = list(store.load(0.0))
+        self.assertEqual((row.aor, row.cseq, row.modified), ("sip:1@example.com", 1, 0.0))
+        with psycopg.connect(self.uri) as conn:
+            rows = conn.execute("SELECT version FROM natkeep_schema").fetchall()
+        self.assertEqual(rows, [(SCHEMA_VERSION,)])
+
     def test_reconnects(self) -> None:
         """
         When the server ends natkeep's connection, the next write fails and
@@ -439,58 +497,75 @@ class SQLiteStoreTests(SynchronousTestCase):
                 )
             ]
 
-    def test_stepOneCreates(self) -> None:
+    def oldFile(self, version: int, recorded: int) -> None:
         """
-        Step 0 to 1 makes the bindings table with its expiry index; run
-        alone on a new file, it leaves version 1.
+        Write, in place of the store's file, a file of schema C{version}
+        (its first C{version} steps) holding one binding, with C{recorded}
+        as its recorded version.
         """
-        path = self.mktemp()
-        with sqlite3.connect(path) as db:
-            db.executescript(MIGRATIONS[0])
-            db.execute("PRAGMA user_version=1")
+        self.store.close()
+        for suffix in ("", "-wal", "-shm"):
+            if FilePath(self.path + suffix).exists():
+                FilePath(self.path + suffix).remove()
+        with sqlite3.connect(self.path) as db:
+            for step in MIGRATIONS[:version]:
+                db.executescript(step)
+            db.execute(f"PRAGMA user_version={recorded}")
             db.execute(
                 "INSERT INTO bindings VALUES "
                 "('sip:1@example.com', 'sip:1@h', '', '198.51.100.7', 1, '127.0.0.1:5060',"
                 " 1, 500.0, 'c', 1)"
             )
-        self.path = path
-        self.assertEqual(self.indexes(), ["bindings_expiry"])
-        store = SQLiteStore(path)
-        self.addCleanup(store.close)
-        self.assertEqual([r.aor for r in store.load(0.0)], ["sip:1@example.com"])
+        db.close()
 
-    def test_upgradeFromVersion1(self) -> None:
+    def assertUpgraded(self) -> None:
         """
-        A version 1 file, which indexed C{expires_at}, opens with its
-        bindings intact, without that index, at the current version.
+        The store's file, opened, holds the old file's binding, counted as
+        oldest, at the current version without the expiry index; a write
+        replaces the row.
         """
-        self.store.put(binding(1))
-        self.store.commit()
-        self.store.close()
-        with sqlite3.connect(self.path) as db:
-            db.execute("CREATE INDEX bindings_expiry ON bindings (expires_at)")
-            db.execute("PRAGMA user_version=1")
-        self.assertEqual(self.indexes(), ["bindings_expiry"])
         store = self.reopen()
-        self.assertEqual([r.aor for r in store.load(0.0)], ["sip:1@example.com"])
+        [row] = list(store.load(0.0))
+        self.assertEqual((row.aor, row.cseq, row.modified), ("sip:1@example.com", 1, 0.0))
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         self.assertEqual(self.indexes(), [])
+        again = row.restore(FakeListener())
+        again.cseq = 2
+        store.put(again)
+        store.commit()
+        self.assertEqual([r.cseq for r in self.reopen().load(0.0)], [2])
+
+    def test_stepOneCreates(self) -> None:
+        """
+        Step 0 to 1 makes the bindings table with its expiry index.
+        """
+        self.oldFile(1, 1)
+        self.assertEqual(self.indexes(), ["bindings_expiry"])
+
+    def test_upgradeFromVersion1(self) -> None:
+        """
+        A version 1 file, which indexed C{expires_at} and kept no
+        C{modified}, opens with its bindings intact at the current version.
+        """
+        self.oldFile(1, 1)
+        self.assertUpgraded()
+
+    def test_upgradeFromVersion2(self) -> None:
+        """
+        A version 2 file, which kept no C{modified}, opens with its
+        bindings intact at the current version.
+        """
+        self.oldFile(2, 2)
+        self.assertUpgraded()
 
     def test_unversionedFileIsVersion1(self) -> None:
         """
         A file with the bindings table but no recorded version, written
         before versions were recorded, is upgraded as version 1.
         """
-        self.store.put(binding(1))
-        self.store.commit()
-        self.store.close()
-        with sqlite3.connect(self.path) as db:
-            db.execute("PRAGMA user_version=0")
-        store = self.reopen()
-        self.assertEqual([r.aor for r in store.load(0.0)], ["sip:1@example.com"])
-        with sqlite3.connect(self.path) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+        self.oldFile(1, 0)
+        self.assertUpgraded()
 
     def test_newFileAtCurrentVersion(self) -> None:
         """
