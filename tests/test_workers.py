@@ -640,6 +640,10 @@ class TwoWorkerTests(SynchronousTestCase):
         self.assertEqual(data["workers"][0]["counters"]["workers.moved"], 1)
         self.assertEqual([w["bindings"] for w in data["workers"]], [0, 1])
         self.assertEqual(data["bindings"], 1)
+        # Each 200 left after its commit: the row is the second REGISTER's.
+        with closing(sqlite3.connect(self.cwd.child("natkeep.sqlite").path)) as db:
+            rows = db.execute("SELECT aor, host, cseq FROM bindings").fetchall()
+        self.assertEqual(rows, [("sip:3001@example.com", after, 2)])
 
     def test_admin(self) -> None:
         """
