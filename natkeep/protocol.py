@@ -267,6 +267,27 @@ class ListeningPort(udp.Port):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
+#: What matches a response datagram unparsed (L{SIPProtocol.onResponseDatagram}).
+DatagramMatcher = Callable[[bytes, tuple[str, int]], bool]
+
+
+class FirstMatch:
+    """
+    Offers a response datagram to each of several matchers in turn, until
+    one takes it: a socket's C{onResponseDatagram} where more than one
+    party (the relay, the heartbeat sender) matches answers unparsed.
+    """
+
+    def __init__(self, *matchers: DatagramMatcher) -> None:
+        self.matchers = matchers
+
+    def __call__(self, data: bytes, source: tuple[str, int]) -> bool:
+        for matcher in self.matchers:
+            if matcher(data, source):
+                return True
+        return False
+
+
 #: What sends one datagram from a socket: C{socket.sendto}'s signature.
 SendTo = Callable[[bytes, tuple[str, int]], object]
 

@@ -68,6 +68,7 @@ from natkeep.sip import (
     parseVia,
     renderMessage,
     splitHostPort,
+    splitTopVia,
     splitValues,
     withoutTopVia,
 )
@@ -76,6 +77,14 @@ log = Logger(namespace="natkeep.relay")
 
 #: The branch prefix of natkeep's relay Via (RFC 3261 magic cookie first).
 BRANCH_PREFIX: Final = "z9hG4bK-nk"
+
+#: How natkeep's relay Via writes its branch parameter.
+_BRANCH_PARAM: Final = "branch=" + BRANCH_PREFIX
+
+#: The same as bytes, which a response natkeep can pass on unparsed has
+#: within its first L{_BRANCH_REACH} bytes (the status line, natkeep's Via).
+_BRANCH_MARK: Final = b";" + _BRANCH_PARAM.encode("ascii")
+_BRANCH_REACH: Final = 256
 
 #: The user part prefix of a flow token in natkeep's Record-Route.
 FLOW_PREFIX: Final = "nkf-"
@@ -862,6 +871,57 @@ class Relay:
         return branch
 
     # Responses
+
+    def responseDatagram(self, data: bytes, source: tuple[str, int]) -> bool:
+        """
+        A datagram that starts like a response arrived: when it answers a
+        request natkeep relayed lately (its branch is remembered) and the
+        relay has nothing to do to it but take its own Via off, pass it on
+        so, unparsed.
+
+        @return: whether it was passed on; if not, the caller parses it
+            and L{responseReceived} decides, as for any response.
+        """
+        if self.upstream is None or self.media is not None or self.forwarder is not None:
+            return False
+        if _BRANCH_MARK not in data[:_BRANCH_REACH]:
+            # Not a relayed answer (a heartbeat's, say), or not laid out
+            # plainly: told in a few hundred instructions.
+            return False
+        split = splitTopVia(data)
+        if split is None:
+            return False
+        ours, below, spliced = split
+        # natkeep's Via exactly as it writes one; any other shape is parsed.
+        parts = ours.split(";")
+        count = len(parts)
+        if count < 3 or count > 4:
+            return False
+        branch, nki = parts[1], parts[2]
+        if not branch.startswith(_BRANCH_PARAM) or not nki.startswith("nki="):
+            return False
+        if not nki[4:].isdigit():
+            return False
+        index = int(nki[4:])
+        if count == 4:
+            worker = parts[3]
+            if not worker.startswith("nkw="):
+                return False
+            handoff = self.handoff
+            if handoff is not None and not handoff.active and worker[4:] != str(handoff.index):
+                # Another worker's: parsed and handed on.
+                return False
+        known = self._branches.get((index, below))
+        if known is None or index >= len(self.listeners):
+            return False
+        expected, back = known
+        digest = branch[len(_BRANCH_PARAM) :].partition(".")[0]
+        if not hmac.compare_digest(digest, expected):
+            # Parsed, and counted as unknown there.
+            return False
+        self.stats["relay.responses"] += 1
+        self.outbox.send(self.listeners[index], spliced, back)
+        return True
 
     def responseReceived(self, response: Response, source: tuple[str, int]) -> bool:
         """

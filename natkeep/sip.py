@@ -927,6 +927,140 @@ def withoutTopVia(response: Response, top: str) -> Optional[bytes]:
     return data[:valueStart] + data[rest:]
 
 
+_VIA_TEXT: Final = "\r\nVia: "
+
+
+def splitTopVia(data: bytes) -> Optional[tuple[str, str, bytes]]:
+    """
+    Read a response datagram as a proxy passing it on needs it, without
+    parsing it into a L{Response}: its first two Via field values, and the
+    datagram without the first (as L{withoutTopVia} cuts it).
+
+    It answers only where L{parseMessage} would accept the datagram and
+    L{withoutTopVia} would cut the same bytes, and only for the common
+    layout: an ASCII datagram with CRLF line ends, C{Via: } the first
+    header line, the second Via value after a comma on that line or alone
+    at the start of the next C{Via: } line, no quoted string in either, at
+    most one Content-Length.  Whatever else, it declines, and the caller
+    parses.
+
+    @return: C{(first Via value, second Via value, datagram without the
+        first)}, or L{None}.
+    """
+    if len(data) > MAX_MESSAGE_SIZE:
+        return None
+    try:
+        # Read with the native string methods, where bytes methods are
+        # generic calls; in ASCII a character's index is its byte's.
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    headEnd = text.find("\r\n\r\n")
+    # The status code: three digits from 100 to 699, then a space.
+    if headEnd < 13 or not text.startswith("SIP/2.0 ") or ord(text[11]) != _SPACE:
+        return None
+    if not (_ONE <= ord(text[8]) <= _SIX and _isDigit(text, 9) and _isDigit(text, 10)):
+        return None
+    firstEnd = text.find("\n")
+    if firstEnd < 12 or ord(text[firstEnd - 1]) != _CR:
+        return None
+    lineEnd = firstEnd - 1
+    valueStart = lineEnd + len(_VIA_TEXT)
+    if text[lineEnd:valueStart] != _VIA_TEXT:
+        return None
+    nextLine = text.find("\n", valueStart, headEnd)
+    if nextLine < 0 or ord(text[nextLine - 1]) != _CR:
+        return None
+    valueEnd = nextLine - 1
+    comma = text.find(",", valueStart, valueEnd)
+    if comma >= 0:
+        ours = text[valueStart:comma]
+        rest = comma + 1
+        while rest < valueEnd and ord(text[rest]) in (_SPACE, _TAB):
+            rest += 1
+        if rest == valueEnd:
+            return None
+        secondStart = rest
+        secondLineEnd = valueEnd
+        spliced = data[:valueStart] + data[rest:]
+    else:
+        ours = text[valueStart:valueEnd]
+        secondStart = nextLine + 6
+        if text[nextLine + 1 : secondStart] != "Via: ":
+            return None
+        secondLineEnd = text.find("\n", secondStart, headEnd)
+        if secondLineEnd < 0:
+            secondLineEnd = headEnd
+        spliced = data[:lineEnd] + data[valueEnd:]
+    if not ours or ours != ours.strip() or '"' in ours:
+        return None
+    secondEnd = text.find(",", secondStart, secondLineEnd)
+    second = text[secondStart : secondEnd if secondEnd >= 0 else secondLineEnd].strip()
+    if not second or '"' in second:
+        return None
+    if not _wellFormed(text, firstEnd + 1, headEnd):
+        return None
+    return ours, second, spliced
+
+
+_SPACE: Final = 0x20
+_TAB: Final = 0x09
+_CR: Final = 0x0D
+_COLON: Final = 0x3A
+_ONE: Final = 0x31
+_SIX: Final = 0x36
+_LOWER: Final = 0x20
+_LOWER_C: Final = 0x63
+_LOWER_L: Final = 0x6C
+
+
+def _isDigit(text: str, index: int) -> bool:
+    return 0x30 <= ord(text[index]) <= 0x39
+
+
+def _wellFormed(text: str, start: int, headEnd: int) -> bool:
+    """
+    Whether the header lines of C{text} from C{start} to C{headEnd}, and
+    the body after them, pass what L{parseMessage} checks: each line a
+    name and a colon, not too many lines, and at most one Content-Length,
+    a number the body agrees with.  Stricter than the parser where that
+    is cheaper: no name may start or end with white space or a control
+    character (folding, or a name that may be empty).
+    """
+    lines = 1
+    length = -1
+    pos = start
+    while pos <= headEnd:
+        lineEnd = text.find("\n", pos, headEnd)
+        if lineEnd < 0:
+            lineEnd = headEnd
+        lines += 1
+        colon = text.find(":", pos, lineEnd)
+        if colon <= pos or ord(text[pos]) <= _SPACE or ord(text[colon - 1]) <= _SPACE:
+            return False
+        size = colon - pos
+        if size == 14 or size == 1:
+            first = ord(text[pos]) | _LOWER
+            if (first == _LOWER_C and text[pos:colon].lower() == "content-length") or (
+                size == 1 and first == _LOWER_L
+            ):
+                value = text[colon + 1 : lineEnd].strip()
+                if length >= 0 or not value.isdigit():
+                    return False
+                length = int(value)
+        pos = lineEnd + 1
+    if lines > MAX_HEADER_LINES:
+        return False
+    if length >= 0:
+        bodyStart = headEnd + 4
+        body = len(text) - bodyStart
+        if length > body:
+            return False
+        if length < body and text[bodyStart + length :].strip("\r\n"):
+            return False
+    return True
+
+
 #: How header names are written when natkeep renders a message it relays;
 #: any other is written with each dash-separated word capitalised.
 _WRITTEN_NAMES: Final = {

@@ -52,7 +52,7 @@ from natkeep.media import startClient
 from natkeep.metrics import Metrics
 from natkeep.outbox import Outbox
 from natkeep.owner import Ownership
-from natkeep.protocol import MAX_DATAGRAM, ListeningPort, SIPProtocol
+from natkeep.protocol import MAX_DATAGRAM, FirstMatch, ListeningPort, SIPProtocol
 from natkeep.registrar import Registrar
 from natkeep.relay import Relay, RelayPlan
 from natkeep.sender import HeartbeatSender
@@ -433,6 +433,12 @@ class Natkeep:
         )
         for protocol in self.protocols.values():
             protocol.controller = self.relay
+            # Answers matched unparsed where they can be: the heartbeats'
+            # first (no cost unless the payload is options), then relayed
+            # ones.
+            protocol.onResponseDatagram = FirstMatch(
+                self.sender.responseDatagram, self.relay.responseDatagram
+            )
         self.handoff: Optional[Handoff] = None
         if worker is not None and worker.count > 1:
             self.handoff = listenHandoff(

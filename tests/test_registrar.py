@@ -5,7 +5,7 @@ RFC 3261 §10.3 and RFC 3581, rule by rule.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,7 +18,7 @@ from natkeep.interfaces import IListener, ISIPController
 from natkeep.nat import NatDetector
 from natkeep.outbox import Outbox
 from natkeep.plugins.natkeep_expiry import CapExpiry, FixedExpiry
-from natkeep.protocol import SIPProtocol
+from natkeep.protocol import FirstMatch, SIPProtocol
 from natkeep.registrar import Registrar
 from natkeep.sip import Response, parseMessage, parseNameAddr, parseVia
 from natkeep.stun import MAGIC_COOKIE
@@ -745,6 +745,38 @@ class ProtocolTests(SynchronousTestCase):
         protocol.datagramReceived(request("OPTIONS"), ("127.0.0.1", 1))
         self.assertEqual(outbox.stats["internal.errors"], 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class FirstMatchTests(SynchronousTestCase):
+    """
+    L{FirstMatch} offers a response datagram to its matchers in turn.
+    """
+
+    def test_inTurnUntilTaken(self) -> None:
+        """
+        Each matcher is asked in the order given, with the datagram and its
+        source, until one takes it; those after it are not asked.
+        """
+        asked: list[tuple[str, bytes, tuple[str, int]]] = []
+
+        def matcher(name: str, takes: bool) -> Callable[[bytes, tuple[str, int]], bool]:
+            def match(data: bytes, source: tuple[str, int]) -> bool:
+                asked.append((name, data, source))
+                return takes
+
+            return match
+
+        first = FirstMatch(matcher("a", False), matcher("b", True), matcher("c", True))
+        self.assertTrue(first(b"SIP/2.0 200 OK", PHONE))
+        self.assertEqual(asked, [("a", b"SIP/2.0 200 OK", PHONE), ("b", b"SIP/2.0 200 OK", PHONE)])
+
+    def test_noneTakes(self) -> None:
+        """
+        When no matcher takes the datagram, the socket is told so and
+        parses it.
+        """
+        self.assertFalse(FirstMatch(lambda d, s: False, lambda d, s: False)(b"x", PHONE))
+        self.assertFalse(FirstMatch()(b"x", PHONE))
 
 
 class ReadingTransport:

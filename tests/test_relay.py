@@ -89,6 +89,8 @@ class RelayTestCase(SynchronousTestCase):
         for protocol in (self.public, self.second):
             protocol.controller = self.relay
             protocol.onResponse = self.relay.responseReceived
+            # As the service wires it: answers matched unparsed first.
+            protocol.onResponseDatagram = self.relay.responseDatagram
 
     def settings(self, **kw: object) -> Settings:
         kw.setdefault("upstream", "sip:203.0.113.50:5060")
@@ -546,6 +548,223 @@ class ResponseTests(RelayTestCase):
         )
         assert isinstance(response, Response)
         self.assertFalse(self.relay.responseReceived(response, PHONE))
+
+
+def _relayed(hooked: bool) -> tuple[SIPProtocol, list[tuple[bytes, tuple[str, int]]], Counts]:
+    """
+    A relay on one socket as L{RelayTestCase} sets one up, a device
+    registered from L{PHONE} and an INVITE from the upstream relayed to it,
+    the relay's secret always the same: two of these made alike remember
+    the same branches.  With C{hooked}, the socket offers response
+    datagrams to the relay unparsed first, as the service wires it.
+
+    @return: the socket, what it sends from now on, and the counts.
+    """
+    clock = Clock()
+    clock.advance(1000)
+    stats = Counts()
+    table = BindingTable()
+    outbox = Outbox(clock, None, stats)
+    registrar = Registrar(table, clock, outbox, CapExpiry(3600, 300))
+    protocol, wire = fakeSocket(registrar, outbox, clock, stats, address="198.51.100.10:5060")
+    relay = Relay(registrar, table, clock, outbox, [protocol], stats, secret=b"k" * 32)
+    relay.configure(Settings(upstream="sip:203.0.113.50:5060"))
+    protocol.controller = relay
+    protocol.onResponse = relay.responseReceived
+    if hooked:
+        protocol.onResponseDatagram = relay.responseDatagram
+    protocol.datagramReceived(register(contacts=["<sip:1001@10.0.0.7:5060>"]), PHONE)
+    protocol.datagramReceived(invite(), UPSTREAM)
+    del wire.written[:]
+    return protocol, wire.written, stats
+
+
+def _answers(ours: str, below: str) -> dict[str, bytes]:
+    """
+    The device's 180 to the INVITE of L{_relayed} whose Vias are C{ours}
+    and C{below}, in each layout and with each fault the relay's unparsed
+    path must either handle exactly as the parser and the relay would, or
+    leave to them.
+    """
+    rest = (
+        "From: <sip:caller@example.com>;tag=f1\r\nTo: <sip:1001@example.com>;tag=p1\r\n"
+        "Call-ID: call-relay-1\r\nCSeq: 1 INVITE\r\n"
+    )
+    comma = f"SIP/2.0 180 Ringing\r\nVia: {ours}, {below}\r\n{rest}Content-Length: 0\r\n\r\n"
+    lines = f"SIP/2.0 180 Ringing\r\nVia: {ours}\r\nVia: {below}\r\n{rest}Content-Length: 0\r\n\r\n"
+    sdp = "v=0\r\no=phone 1 1 IN IP4 10.0.0.7\r\n"
+    cases: dict[str, str] = {}
+    for layout, text in (("comma", comma), ("lines", lines)):
+        variants = {
+            "plain": text,
+            "no reason": text.replace(" 180 Ringing", " 180", 1),
+            "reason space": text.replace(" 180 Ringing", " 180 ", 1),
+            "code 99": text.replace(" 180 ", " 99 ", 1),
+            "code 700": text.replace(" 180 ", " 700 ", 1),
+            "code 1800": text.replace(" 180 ", " 1800 ", 1),
+            "code 18a": text.replace(" 180 ", " 18a ", 1),
+            "lower-case via": text.replace("\r\nVia: ", "\r\nvia: ", 1),
+            "compact via": text.replace("\r\nVia: ", "\r\nv: ", 1),
+            "two spaces": text.replace("\r\nVia: ", "\r\nVia:  ", 1),
+            "space before comma": text.replace(f"{ours},", f"{ours} ,"),
+            "tab after comma": text.replace(f"{ours}, ", f"{ours},\t"),
+            "no space after comma": text.replace(f"{ours}, ", f"{ours},"),
+            "comma, nothing": text.replace(f"{ours}, {below}", f"{ours}, "),
+            "our Via only": text.replace(f", {below}", "").replace(f"Via: {below}\r\n", ""),
+            "header between": text.replace("\r\nVia: " + below, "\r\nX-A: 1\r\nVia: " + below),
+            "below altered": text.replace(below, below.replace("5060", "5061")),
+            "below quoted": text.replace(below, below + ';x="a,b"'),
+            "below spaced": text.replace(below, below + "  "),
+            "ours extra param": text.replace(ours, ours + ";received=192.0.2.77"),
+            "ours quoted": text.replace(ours, ours + ';x="1"'),
+            "ours nkw": text.replace(ours, ours + ";nkw=0"),
+            "ours nki 1": text.replace(";nki=0", ";nki=1"),
+            "ours nki x": text.replace(";nki=0", ";nki=x"),
+            "ours nki 00": text.replace(";nki=0", ";nki=00"),
+            "ours upper-case branch": text.replace(";branch=", ";BRANCH="),
+            "ours digest altered": text.replace("-nk", "-nk0", 1),
+            "no content-length": text.replace("Content-Length: 0\r\n", ""),
+            "compact length": text.replace("Content-Length:", "l:"),
+            "lower-case length": text.replace("Content-Length:", "content-length:"),
+            "length spaced": text.replace("Content-Length: 0", "Content-Length :  0 "),
+            "length spaced, too long": text.replace("Content-Length: 0", "Content-Length : 5"),
+            "length plus": text.replace("Content-Length: 0", "Content-Length: +0"),
+            "length word": text.replace("Content-Length: 0", "Content-Length: x"),
+            "length too long": text.replace("Content-Length: 0", "Content-Length: 5"),
+            "length twice": text.replace("Content-Length: 0", "Content-Length: 0\r\nl: 0"),
+            "length twice, unequal": text.replace(
+                "Content-Length: 0", "Content-Length: 0\r\nContent-Length: 1"
+            ),
+            "body": text.replace("Content-Length: 0\r\n\r\n", f"Content-Length: {len(sdp)}\r\n\r\n")
+            + sdp,
+            "body beyond length": text + sdp,
+            "padding beyond length": text + "\r\n\r\n",
+            "folded": text.replace("\r\nCall-ID:", "\r\n Call-ID:"),
+            "colon-less line": text.replace("\r\nCall-ID:", "\r\nX-Bad\r\nCall-ID:"),
+            "empty name": text.replace("\r\nCall-ID:", "\r\n : x\r\nCall-ID:"),
+            "bare LF": text.replace("\r\nCall-ID:", "\nCall-ID:"),
+            "bare LF after ours": text.replace(f"{ours}\r\n", f"{ours}\n"),
+            "LF header end": text.replace("\r\n\r\n", "\n\n"),
+            "truncated": text[: text.index("\r\n\r\n")],
+            "too many lines": text.replace("\r\nCall-ID:", "\r\nX-Pad: 1" * 130 + "\r\nCall-ID:"),
+            "too large": text.replace("\r\nCall-ID:", "\r\nX-Pad: " + "p" * 17000 + "\r\nCall-ID:"),
+            "non-ASCII": text.replace("tag=p1", "tag=p\u00e9"),
+            "far marker": text.replace(" Ringing", " " + "R" * 600, 1),
+        }
+        for name, variant in variants.items():
+            if variant != text or name == "plain":
+                cases[f"{layout}: {name}"] = variant
+    data = {name: text.encode("utf-8") for name, text in cases.items()}
+    data["comma: not UTF-8"] = cases["comma: plain"].encode().replace(b"tag=p1", b"tag=p\xff")
+    return data
+
+
+class UnparsedResponseTests(SynchronousTestCase):
+    """
+    Responses the relay passes on unparsed (L{Relay.responseDatagram}):
+    exactly what parsing them would have done, or left to the parser.
+    """
+
+    def vias(self) -> tuple[str, str]:
+        protocol, written, _ = _relayed(True)
+        protocol.datagramReceived(invite(), UPSTREAM)
+        [(data, _)] = written
+        request = parseMessage(data)
+        assert isinstance(request, Request)
+        ours, below = splitValues(request.headers["via"])
+        return ours, below
+
+    def test_passedOnUnparsed(self) -> None:
+        """
+        The device's answer to a request natkeep relayed is taken by the
+        relay from the datagram itself: it goes back to the previous hop,
+        less natkeep's Via and otherwise byte for byte, and is counted.
+        """
+        ours, below = self.vias()
+        for layout in ("comma", "lines"):
+            protocol, written, stats = _relayed(True)
+            data = _answers(ours, below)[f"{layout}: plain"]
+            relay = protocol.controller
+            assert isinstance(relay, Relay)
+            self.assertTrue(relay.responseDatagram(data, PHONE))
+            [(out, address)] = written
+            self.assertEqual(address, UPSTREAM)
+            cut = f"{ours}, " if layout == "comma" else f"\r\nVia: {ours}"
+            self.assertEqual(out, data.replace(cut.encode(), b""))
+            self.assertEqual(stats["relay.responses"], 1)
+
+    def test_heartbeatAnswerDeclined(self) -> None:
+        """
+        An answer to natkeep's own OPTIONS heartbeat is not the relay's: it
+        declines it without reading past the status line and the first Via.
+        """
+        protocol, written, stats = _relayed(True)
+        relay = protocol.controller
+        assert isinstance(relay, Relay)
+        answer = (
+            b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 198.51.100.10:5060;branch=z9hG4bKab.1\r\n"
+            b"From: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+        self.assertFalse(relay.responseDatagram(answer, PHONE))
+        self.assertEqual((written, stats["relay.responses"]), ([], 0))
+
+    def test_sameAsParsed(self) -> None:
+        """
+        For every layout and fault of L{_answers}, a relay offered the
+        datagram unparsed first sends the same datagrams to the same
+        addresses, and counts the same, as one that parses every response.
+        The plain layouts are taken unparsed; faults are left to the parser.
+        """
+        ours, below = self.vias()
+        counters = (
+            "relay.responses",
+            "relay.responses.unknown",
+            "responses.received",
+            "dropped",
+            "dropped.malformed",
+        )
+        taken = []
+        for name, data in sorted(_answers(ours, below).items()):
+            outcomes = []
+            for hooked in (True, False):
+                protocol, written, stats = _relayed(hooked)
+                protocol.datagramReceived(data, PHONE)
+                outcomes.append((list(written), [stats[c] for c in counters]))
+            self.assertEqual(outcomes[0], outcomes[1], name)
+            relay = _relayed(True)[0].controller
+            assert isinstance(relay, Relay)
+            if relay.responseDatagram(data, PHONE):
+                taken.append(name)
+        self.assertEqual(
+            sorted(taken),
+            [
+                "comma: bare LF",
+                "comma: below spaced",
+                "comma: body",
+                "comma: compact length",
+                "comma: lower-case length",
+                "comma: no content-length",
+                "comma: no space after comma",
+                "comma: ours nki 00",
+                "comma: ours nkw",
+                "comma: padding beyond length",
+                "comma: plain",
+                "comma: reason space",
+                "comma: tab after comma",
+                "lines: bare LF",
+                "lines: below spaced",
+                "lines: body",
+                "lines: compact length",
+                "lines: lower-case length",
+                "lines: no content-length",
+                "lines: ours nki 00",
+                "lines: ours nkw",
+                "lines: padding beyond length",
+                "lines: plain",
+                "lines: reason space",
+            ],
+        )
 
 
 class ForNatkeepTests(RelayTestCase):
