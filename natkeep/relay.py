@@ -81,10 +81,10 @@ BRANCH_PREFIX: Final = "z9hG4bK-nk"
 #: How natkeep's relay Via writes its branch parameter.
 _BRANCH_PARAM: Final = "branch=" + BRANCH_PREFIX
 
-#: The same as bytes, which a response natkeep can pass on unparsed has
-#: within its first L{_BRANCH_REACH} bytes (the status line, natkeep's Via).
-_BRANCH_MARK: Final = b";" + _BRANCH_PARAM.encode("ascii")
-_BRANCH_REACH: Final = 256
+#: What natkeep's relay Via holds, and so the first Via of a response that
+#: answers a request it relayed: other responses are told apart by it
+#: before their header block is read.
+_BRANCH_MARK: Final = ";" + _BRANCH_PARAM
 
 #: The user part prefix of a flow token in natkeep's Record-Route.
 FLOW_PREFIX: Final = "nkf-"
@@ -507,7 +507,7 @@ class Relay:
             # For natkeep itself: OPTIONS pings, and 405 for the rest.
             self.registrar.requestReceived(request, via, cseq, source, listener)
             return
-        self._relay(request, via, cseq, source, listener)
+        self._relay(request, uri, via, cseq, source, listener)
 
     def _checkRegister(self, request: Request) -> None:
         """
@@ -528,8 +528,17 @@ class Relay:
                 raise SIPError("Forbidden", 403)
 
     def _relay(
-        self, request: Request, via: Via, cseq: int, source: tuple[str, int], arrived: IListener
+        self,
+        request: Request,
+        uri: URI,
+        via: Via,
+        cseq: int,
+        source: tuple[str, int],
+        arrived: IListener,
     ) -> None:
+        """
+        Proxy C{request}, whose Request-URI parsed is C{uri}.
+        """
         headers = request.headers
         method = request.method
         forwards = _maxForwards(request)
@@ -558,7 +567,6 @@ class Relay:
                 if first.user:
                     flow = self.tokens.decode(first.user)
         target = request.uri
-        uri = parseURI(target)
         if self._ours(uri) and uri.user and uri.user.startswith(FLOW_PREFIX) and routes:
             # A strict router before us put our Record-Route in the
             # Request-URI (RFC 3261 §16.4).
@@ -884,11 +892,7 @@ class Relay:
         """
         if self.upstream is None or self.media is not None or self.forwarder is not None:
             return False
-        if _BRANCH_MARK not in data[:_BRANCH_REACH]:
-            # Not a relayed answer (a heartbeat's, say), or not laid out
-            # plainly: told in a few hundred instructions.
-            return False
-        split = splitTopVia(data)
+        split = splitTopVia(data, _BRANCH_MARK)
         if split is None:
             return False
         ours, below, spliced = split

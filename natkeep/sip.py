@@ -930,7 +930,7 @@ def withoutTopVia(response: Response, top: str) -> Optional[bytes]:
 _VIA_TEXT: Final = "\r\nVia: "
 
 
-def splitTopVia(data: bytes) -> Optional[tuple[str, str, bytes]]:
+def splitTopVia(data: bytes, mark: str = "") -> Optional[tuple[str, str, bytes]]:
     """
     Read a response datagram as a proxy passing it on needs it, without
     parsing it into a L{Response}: its first two Via field values, and the
@@ -942,7 +942,8 @@ def splitTopVia(data: bytes) -> Optional[tuple[str, str, bytes]]:
     header line, the second Via value after a comma on that line or alone
     at the start of the next C{Via: } line, no quoted string in either, at
     most one Content-Length.  Whatever else, it declines, and the caller
-    parses.
+    parses.  It declines, too, when the first Via value lacks C{mark}, which
+    it learns before it reads the rest of the header block.
 
     @return: C{(first Via value, second Via value, datagram without the
         first)}, or L{None}.
@@ -992,7 +993,7 @@ def splitTopVia(data: bytes) -> Optional[tuple[str, str, bytes]]:
         if secondLineEnd < 0:
             secondLineEnd = headEnd
         spliced = data[:lineEnd] + data[valueEnd:]
-    if not ours or ours != ours.strip() or '"' in ours:
+    if not ours or ours != ours.strip() or '"' in ours or mark not in ours:
         return None
     secondEnd = text.find(",", secondStart, secondLineEnd)
     second = text[secondStart : secondEnd if secondEnd >= 0 else secondLineEnd].strip()

@@ -649,7 +649,7 @@ def _answers(ours: str, below: str) -> dict[str, bytes]:
             "too many lines": text.replace("\r\nCall-ID:", "\r\nX-Pad: 1" * 130 + "\r\nCall-ID:"),
             "too large": text.replace("\r\nCall-ID:", "\r\nX-Pad: " + "p" * 17000 + "\r\nCall-ID:"),
             "non-ASCII": text.replace("tag=p1", "tag=p\u00e9"),
-            "far marker": text.replace(" Ringing", " " + "R" * 600, 1),
+            "long reason": text.replace(" Ringing", " " + "R" * 600, 1),
         }
         for name, variant in variants.items():
             if variant != text or name == "plain":
@@ -743,6 +743,7 @@ class UnparsedResponseTests(SynchronousTestCase):
                 "comma: below spaced",
                 "comma: body",
                 "comma: compact length",
+                "comma: long reason",
                 "comma: lower-case length",
                 "comma: no content-length",
                 "comma: no space after comma",
@@ -756,6 +757,7 @@ class UnparsedResponseTests(SynchronousTestCase):
                 "lines: below spaced",
                 "lines: body",
                 "lines: compact length",
+                "lines: long reason",
                 "lines: lower-case length",
                 "lines: no content-length",
                 "lines: ours nki 00",

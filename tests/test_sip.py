@@ -22,6 +22,7 @@ from natkeep.sip import (
     renderParams,
     renderResponse,
     splitCommas,
+    splitTopVia,
     splitValues,
     topVia,
     withoutTopVia,
@@ -300,6 +301,59 @@ class WithoutTopViaTests(SynchronousTestCase):
         assert isinstance(response, Response)
         self.assertEqual(response.body, body)
         self.assertIsNone(withoutTopVia(response, self.top))
+
+
+class SplitTopViaTests(SynchronousTestCase):
+    """
+    L{splitTopVia} reads a response's first two Via values from the
+    datagram unparsed, and cuts the first as L{withoutTopVia} does.
+    """
+
+    top = "SIP/2.0/UDP 198.51.100.10:5060;branch=z9hG4bK-nk1"
+    below = "SIP/2.0/UDP a:5060;branch=z9hG4bK1;received=192.0.2.1;rport=5060"
+
+    def data(self, *lines: str) -> bytes:
+        return ("\r\n".join(("SIP/2.0 180 Ringing",) + lines) + "\r\n\r\n").encode()
+
+    def test_bothLayouts(self) -> None:
+        """
+        The second Via after a comma, or on the next Via line: both values
+        as written, and the datagram cut exactly as L{withoutTopVia} cuts
+        it.
+        """
+        for vias in (
+            (f"Via: {self.top}, {self.below}",),
+            (f"Via: {self.top}", f"Via: {self.below}"),
+        ):
+            data = self.data(*vias, "CSeq: 1 INVITE", "Content-Length: 0")
+            response = parseMessage(data)
+            assert isinstance(response, Response)
+            self.assertEqual(
+                splitTopVia(data, ";branch=z9hG4bK-nk"),
+                (self.top, self.below, withoutTopVia(response, self.top)),
+            )
+
+    def test_mark(self) -> None:
+        """
+        A first Via without the mark asked for is declined.
+        """
+        data = self.data(f"Via: {self.top}, {self.below}", "Content-Length: 0")
+        self.assertIsNotNone(splitTopVia(data, "z9hG4bK-nk1"))
+        self.assertIsNone(splitTopVia(data, "z9hG4bK-nk2"))
+
+    def test_declinesWhatTheParserRefuses(self) -> None:
+        """
+        A datagram L{parseMessage} would refuse is declined: a bad status
+        code, a line without a colon, a body longer than Content-Length.
+        """
+        vias = f"Via: {self.top}, {self.below}"
+        for data in (
+            self.data(vias).replace(b" 180 ", b" 800 "),
+            self.data(vias, "Broken", "Content-Length: 0"),
+            self.data(vias, "Content-Length: 0") + b"v=0",
+        ):
+            self.assertRaises(SIPError, parseMessage, data)
+            self.assertIsNone(splitTopVia(data))
 
 
 class HeaderValueTests(SynchronousTestCase):
