@@ -433,12 +433,10 @@ class Natkeep:
         )
         for protocol in self.protocols.values():
             protocol.controller = self.relay
-            # Answers matched unparsed where they can be: the heartbeats'
-            # first (no cost unless the payload is options), then relayed
-            # ones.
-            protocol.onResponseDatagram = FirstMatch(
-                self.sender.responseDatagram, self.relay.responseDatagram
-            )
+        #: What the sockets offer answers to unparsed while relaying: the
+        #: heartbeats' matcher first (no cost unless the payload is
+        #: options), then the relay's.
+        self._matchAnswers = FirstMatch(self.sender.responseDatagram, self.relay.responseDatagram)
         self.handoff: Optional[Handoff] = None
         if worker is not None and worker.count > 1:
             self.handoff = listenHandoff(
@@ -563,8 +561,12 @@ class Natkeep:
         self.limiter.configure(settings.rateLimit, settings.rateBurst, settings.rateExempt)
         self.outbox.configure(settings)
         self.registrar.configure(settings, strategies)
+        matcher = (
+            self._matchAnswers if self.relay.upstream is not None else self.sender.responseDatagram
+        )
         for protocol in self.protocols.values():
             protocol.configure(settings)
+            protocol.onResponseDatagram = matcher
         self.sender.configure(settings, strategies)
         if self.admin is not None:
             self.admin.token = settings.adminToken

@@ -4,10 +4,14 @@ The registrar and sender over real UDP sockets on loopback.
 
 from __future__ import annotations
 
+from functools import partial
+
+import attrs
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from natkeep.config import Settings
+from natkeep.protocol import FirstMatch
 from natkeep.sip import Response, parseMessage, parseVia
 from natkeep.tap import Natkeep
 from natkeep.testing import register
@@ -279,6 +283,29 @@ class ReloadTests(ServiceTestCase):
     """
     Re-reading the settings while running.
     """
+
+    def test_answerMatchersFollowUpstream(self) -> None:
+        """
+        While natkeep relays (an upstream is set), its sockets offer each
+        answer unparsed to the heartbeats' matcher and then to the relay's;
+        while it does not, to the heartbeats' matcher alone.  A reload that
+        sets or clears the upstream switches them.
+        """
+        service = self.startService()
+        [protocol] = service.protocols.values()
+        self.assertEqual(protocol.onResponseDatagram, service.sender.responseDatagram)
+        for upstream in ("sip:127.0.0.1:5999", None):
+            service.reloadSettings = partial(attrs.evolve, service.settings, upstream=upstream)
+            self.assertTrue(service.reload())
+            if upstream is None:
+                self.assertEqual(protocol.onResponseDatagram, service.sender.responseDatagram)
+            else:
+                matcher = protocol.onResponseDatagram
+                assert isinstance(matcher, FirstMatch)
+                self.assertEqual(
+                    matcher.matchers,
+                    (service.sender.responseDatagram, service.relay.responseDatagram),
+                )
 
     @defer.inlineCallbacks
     def test_reloadKeepsBindings(self):  # type: ignore[no-untyped-def]
