@@ -282,6 +282,14 @@ class FirstMatch:
         self.matchers = matchers
 
     def __call__(self, data: bytes, source: tuple[str, int]) -> bool:
+        return self.match(data, source)
+
+    def match(self, data: bytes, source: tuple[str, int]) -> bool:
+        """
+        Offer C{data} from C{source} to each matcher in turn.
+
+        @return: whether one took it.
+        """
         for matcher in self.matchers:
             if matcher(data, source):
                 return True
@@ -573,14 +581,16 @@ class SIPProtocol:
                 source=source,
                 text=traceText(data),
             )
-        if (
-            first == _S
-            and self.onResponseDatagram is not None
-            and data.startswith(b"SIP/2.0 ")
-            and self.onResponseDatagram(data, source)
-        ):
-            stats["responses.received"] += 1
-            return
+        matcher = self.onResponseDatagram
+        if first == _S and matcher is not None and data.startswith(b"SIP/2.0 "):
+            # A FirstMatch is called natively; any other matcher generically.
+            if (
+                matcher.match(data, source)
+                if isinstance(matcher, FirstMatch)
+                else matcher(data, source)
+            ):
+                stats["responses.received"] += 1
+                return
         try:
             message = parseMessage(data)
         except SIPError as e:
