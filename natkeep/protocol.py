@@ -405,7 +405,7 @@ class SIPProtocol:
         clock: IReactorTime,
         stats: Counts,
         onResponse: Optional[Callable[[Response, tuple[str, int]], None]] = None,
-        onResponseDatagram: Optional[Callable[[bytes, tuple[str, int]], bool]] = None,
+        onResponseDatagram: Optional[DatagramMatcher] = None,
         readPause: float = 0.0,
         sipTrace: bool = False,
         onUnreachable: Optional[Callable[[IListener, tuple[str, int]], None]] = None,

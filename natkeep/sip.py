@@ -929,6 +929,16 @@ def withoutTopVia(response: Response, top: str) -> Optional[bytes]:
 
 _VIA_TEXT: Final = "\r\nVia: "
 
+#: Characters as numbers, for the scan of L{splitTopVia}.
+_SPACE: Final = 0x20
+_TAB: Final = 0x09
+_CR: Final = 0x0D
+_ONE: Final = 0x31
+_SIX: Final = 0x36
+_CASE_BIT: Final = 0x20
+_LOWER_C: Final = 0x63
+_LOWER_L: Final = 0x6C
+
 
 def splitTopVia(data: bytes, mark: str = "") -> Optional[tuple[str, str, bytes]]:
     """
@@ -1004,17 +1014,6 @@ def splitTopVia(data: bytes, mark: str = "") -> Optional[tuple[str, str, bytes]]
     return ours, second, spliced
 
 
-_SPACE: Final = 0x20
-_TAB: Final = 0x09
-_CR: Final = 0x0D
-_COLON: Final = 0x3A
-_ONE: Final = 0x31
-_SIX: Final = 0x36
-_LOWER: Final = 0x20
-_LOWER_C: Final = 0x63
-_LOWER_L: Final = 0x6C
-
-
 def _isDigit(text: str, index: int) -> bool:
     return 0x30 <= ord(text[index]) <= 0x39
 
@@ -1041,7 +1040,7 @@ def _wellFormed(text: str, start: int, headEnd: int) -> bool:
             return False
         size = colon - pos
         if size == 14 or size == 1:
-            first = ord(text[pos]) | _LOWER
+            first = ord(text[pos]) | _CASE_BIT
             if (first == _LOWER_C and text[pos:colon].lower() == "content-length") or (
                 size == 1 and first == _LOWER_L
             ):
